@@ -1,0 +1,79 @@
+# Build, test and run the KMS locally. `make help` lists the targets.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+# cargo from rustup is often not on PATH in non-login shells (CI, sudo).
+ifeq ($(shell command -v cargo 2>/dev/null),)
+  ifneq ($(wildcard $(HOME)/.cargo/bin/cargo),)
+    export PATH := $(HOME)/.cargo/bin:$(PATH)
+  endif
+endif
+
+CARGO         ?= cargo
+DEV_DIR       := .dev
+SOFTHSM_DIR   := $(DEV_DIR)/softhsm
+SOFTHSM_LABEL := kms-dev
+PKI_DIR       := $(DEV_DIR)/pki
+SERVER_CONFIG ?= config/kms-server.dev.toml
+
+.PHONY: help deps build dev-env dev-softhsm dev-pki demo test lint bench run-server clean-dev
+# Steps depend on each other's side effects (packages, binaries); cargo parallelises itself.
+.NOTPARALLEL:
+
+help:
+	@echo "make deps        install missing Debian packages (scripts/install-deps.sh)"
+	@echo "make build       cargo build --release --workspace"
+	@echo "make dev-env     SoftHSM token '$(SOFTHSM_LABEL)' in $(SOFTHSM_DIR) + dev PKI in $(PKI_DIR)"
+	@echo "make demo        deps, build, dev-env, scripts/demo.sh"
+	@echo "make lint        cargo fmt --check + clippy -D warnings"
+	@echo "make test        deps, lint, then build + cargo test with a PostgreSQL (scripts/with-postgres.sh)"
+	@echo "make bench       deps, build, dev-env, scripts/bench.sh"
+	@echo "make run-server  kms-server in the foreground with $(SERVER_CONFIG)"
+	@echo "make clean-dev   rm -rf $(DEV_DIR)"
+
+deps:
+	scripts/install-deps.sh
+
+build:
+	$(CARGO) build --release --workspace
+
+dev-env: dev-softhsm dev-pki
+
+dev-softhsm:
+	softhsm-setup/init-token.sh --dir $(SOFTHSM_DIR) --label $(SOFTHSM_LABEL)
+
+# kmsctl may refuse to overwrite an existing PKI: run it once, remember success.
+dev-pki: build
+	@if [[ -f $(PKI_DIR)/.initialized ]]; then \
+	    echo "dev PKI already in $(PKI_DIR) (make clean-dev to redo)"; \
+	else \
+	    set -x; \
+	    target/release/kmsctl pki init --dir $(PKI_DIR) --server-name localhost \
+	        --client admin --client notes-store --client app; \
+	    { set +x; } 2>/dev/null; \
+	    [[ -d $(PKI_DIR) ]] || { echo "kmsctl pki init did not create $(PKI_DIR)" >&2; exit 1; }; \
+	    touch $(PKI_DIR)/.initialized; \
+	fi
+
+demo: deps build dev-env
+	scripts/demo.sh
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: deps lint
+	scripts/with-postgres.sh bash -euo pipefail -c \
+	    '$(CARGO) build --workspace --bins && $(CARGO) test --workspace'
+
+bench: deps build dev-env
+	scripts/bench.sh
+
+run-server: build dev-env
+	SOFTHSM2_CONF=$(CURDIR)/$(SOFTHSM_DIR)/softhsm2.conf \
+	    KMS_PKCS11_PIN_FILE=$(CURDIR)/$(SOFTHSM_DIR)/user.pin \
+	    target/release/kms-server --config $(SERVER_CONFIG)
+
+clean-dev:
+	rm -rf $(DEV_DIR)

@@ -1,0 +1,293 @@
+//! `KmsClient`: one typed method per kms.v1 RPC, each run under the transport's deadline,
+//! failover and retry policy.
+
+use std::mem;
+
+use kms_proto::kms::v1 as pb;
+use zeroize::Zeroizing;
+
+use crate::{
+    transport::{Method, Transport},
+    types::{required_key, to_proto_context},
+    AuditMetadata, Ciphertext, DataKey, Decrypted, EncryptionContext, Error, KeyMetadata,
+    KeyPage, KmsClientConfig, ReEncrypted,
+};
+
+/// Upper bound on pages followed by [`KmsClient::list_all_keys`], against a server that never
+/// stops returning tokens.
+const MAX_PAGES: usize = 10_000;
+
+/// An async client of `kms.v1.KeyManagementService` over mutual TLS.
+///
+/// Cheap to clone: clones share the connections. See the crate documentation for the
+/// failover, deadline and retry policy.
+#[derive(Clone, Debug)]
+pub struct KmsClient {
+    transport: Transport,
+}
+
+impl KmsClient {
+    /// Builds the client. Checks the configuration and parses the TLS material, but does not
+    /// connect: each endpoint is connected on first use. Must be called inside a Tokio
+    /// runtime (an error otherwise).
+    pub fn new(config: &KmsClientConfig) -> Result<Self, Error> {
+        Ok(Self {
+            transport: Transport::new(config)?,
+        })
+    }
+
+    /// Creates a master key. **Never re-sent** once it may have reached a server (a repeat
+    /// would create a second key): it is retried or failed over only when no connection could
+    /// be established. After an ambiguous failure, look the key up by alias.
+    pub async fn create_key(
+        &self,
+        alias: Option<&str>,
+        description: Option<&str>,
+    ) -> Result<KeyMetadata, Error> {
+        let response = self
+            .transport
+            .call(
+                Method::CreateKey,
+                || pb::CreateKeyRequest {
+                    alias: alias.unwrap_or_default().to_string(),
+                    description: description.unwrap_or_default().to_string(),
+                },
+                |mut grpc, request| async move { grpc.create_key(request).await },
+            )
+            .await?;
+        required_key("CreateKey", response.key)
+    }
+
+    /// The metadata of a key named by UUID or alias.
+    pub async fn describe_key(&self, key: &str) -> Result<KeyMetadata, Error> {
+        let response = self
+            .transport
+            .call(
+                Method::DescribeKey,
+                || pb::DescribeKeyRequest { key: key.into() },
+                |mut grpc, request| async move { grpc.describe_key(request).await },
+            )
+            .await?;
+        required_key("DescribeKey", response.key)
+    }
+
+    /// One page of keys. `page_size` 0 lets the server choose (100); `page_token` is `None`
+    /// for the first page.
+    pub async fn list_keys(
+        &self,
+        page_size: u32,
+        page_token: Option<&str>,
+    ) -> Result<KeyPage, Error> {
+        let response = self
+            .transport
+            .call(
+                Method::ListKeys,
+                || pb::ListKeysRequest {
+                    page_size,
+                    page_token: page_token.unwrap_or_default().to_string(),
+                },
+                |mut grpc, request| async move { grpc.list_keys(request).await },
+            )
+            .await?;
+        Ok(KeyPage {
+            keys: response.keys.into_iter().map(KeyMetadata::from).collect(),
+            next_page_token: (!response.next_page_token.is_empty())
+                .then_some(response.next_page_token),
+        })
+    }
+
+    /// Every key, following all pages.
+    pub async fn list_all_keys(&self, page_size: u32) -> Result<Vec<KeyMetadata>, Error> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let page = self.list_keys(page_size, token.as_deref()).await?;
+            keys.extend(page.keys);
+            match page.next_page_token {
+                None => return Ok(keys),
+                Some(next) if token.as_deref() == Some(next.as_str()) => {
+                    return Err(Error::InvalidResponse {
+                        method: "ListKeys",
+                        reason: "the server returned the same page token twice".into(),
+                    });
+                }
+                Some(next) => token = Some(next),
+            }
+        }
+        Err(Error::InvalidResponse {
+            method: "ListKeys",
+            reason: format!("more than {MAX_PAGES} pages"),
+        })
+    }
+
+    /// Enables a key (idempotent).
+    pub async fn enable_key(&self, key: &str) -> Result<KeyMetadata, Error> {
+        let response = self
+            .transport
+            .call(
+                Method::EnableKey,
+                || pb::EnableKeyRequest { key: key.into() },
+                |mut grpc, request| async move { grpc.enable_key(request).await },
+            )
+            .await?;
+        required_key("EnableKey", response.key)
+    }
+
+    /// Disables a key (idempotent).
+    pub async fn disable_key(&self, key: &str) -> Result<KeyMetadata, Error> {
+        let response = self
+            .transport
+            .call(
+                Method::DisableKey,
+                || pb::DisableKeyRequest { key: key.into() },
+                |mut grpc, request| async move { grpc.disable_key(request).await },
+            )
+            .await?;
+        required_key("DisableKey", response.key)
+    }
+
+    /// A fresh 32-byte data key, in plaintext and wrapped under `key`, bound to `context`.
+    pub async fn generate_data_key(
+        &self,
+        key: &str,
+        context: &EncryptionContext,
+    ) -> Result<DataKey, Error> {
+        let mut response = self
+            .transport
+            .call(
+                Method::GenerateDataKey,
+                || pb::GenerateDataKeyRequest {
+                    key: key.into(),
+                    encryption_context: to_proto_context(context),
+                },
+                |mut grpc, request| async move { grpc.generate_data_key(request).await },
+            )
+            .await?;
+        // Move (not copy) the plaintext into zeroizing memory.
+        let plaintext = Zeroizing::new(mem::take(&mut response.plaintext));
+        Ok(DataKey {
+            plaintext,
+            ciphertext_blob: response.ciphertext_blob,
+            key_id: response.key_id,
+            key_version: response.key_version,
+        })
+    }
+
+    /// A fresh data key, wrapped only (for a component that will decrypt it later).
+    pub async fn generate_data_key_without_plaintext(
+        &self,
+        key: &str,
+        context: &EncryptionContext,
+    ) -> Result<Ciphertext, Error> {
+        let response = self
+            .transport
+            .call(
+                Method::GenerateDataKeyWithoutPlaintext,
+                || pb::GenerateDataKeyWithoutPlaintextRequest {
+                    key: key.into(),
+                    encryption_context: to_proto_context(context),
+                },
+                |mut grpc, request| async move {
+                    grpc.generate_data_key_without_plaintext(request).await
+                },
+            )
+            .await?;
+        Ok(Ciphertext {
+            ciphertext_blob: response.ciphertext_blob,
+            key_id: response.key_id,
+            key_version: response.key_version,
+        })
+    }
+
+    /// Encrypts up to 4096 bytes directly under `key`. The request copies of `plaintext`
+    /// inside prost/tonic buffers are not zeroized; prefer data keys for bulk data.
+    pub async fn encrypt(
+        &self,
+        key: &str,
+        plaintext: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<Ciphertext, Error> {
+        let response = self
+            .transport
+            .call(
+                Method::Encrypt,
+                || pb::EncryptRequest {
+                    key: key.into(),
+                    plaintext: plaintext.to_vec(),
+                    encryption_context: to_proto_context(context),
+                },
+                |mut grpc, request| async move { grpc.encrypt(request).await },
+            )
+            .await?;
+        Ok(Ciphertext {
+            ciphertext_blob: response.ciphertext_blob,
+            key_id: response.key_id,
+            key_version: response.key_version,
+        })
+    }
+
+    /// Decrypts a blob (from `Encrypt` or a data key) with the exact context it was made with.
+    /// `audit` says who is acting and why; it is logged by the server.
+    pub async fn decrypt(
+        &self,
+        ciphertext_blob: &[u8],
+        context: &EncryptionContext,
+        audit: Option<AuditMetadata>,
+    ) -> Result<Decrypted, Error> {
+        let mut response = self
+            .transport
+            .call(
+                Method::Decrypt,
+                || pb::DecryptRequest {
+                    ciphertext_blob: ciphertext_blob.to_vec(),
+                    encryption_context: to_proto_context(context),
+                    audit: audit.clone().map(Into::into),
+                },
+                |mut grpc, request| async move { grpc.decrypt(request).await },
+            )
+            .await?;
+        let plaintext = Zeroizing::new(mem::take(&mut response.plaintext));
+        Ok(Decrypted {
+            plaintext,
+            key_id: response.key_id,
+            key_version: response.key_version,
+        })
+    }
+
+    /// Re-wraps a blob without revealing its plaintext to the caller: under
+    /// `destination_key` (default: the source key's primary version) and with
+    /// `destination_context` (default: the source context).
+    pub async fn re_encrypt(
+        &self,
+        ciphertext_blob: &[u8],
+        source_context: &EncryptionContext,
+        destination_key: Option<&str>,
+        destination_context: Option<&EncryptionContext>,
+        audit: Option<AuditMetadata>,
+    ) -> Result<ReEncrypted, Error> {
+        let response = self
+            .transport
+            .call(
+                Method::ReEncrypt,
+                || pb::ReEncryptRequest {
+                    ciphertext_blob: ciphertext_blob.to_vec(),
+                    source_encryption_context: to_proto_context(source_context),
+                    destination_key: destination_key.unwrap_or_default().to_string(),
+                    destination_encryption_context: destination_context
+                        .map(to_proto_context)
+                        .unwrap_or_default(),
+                    destination_context_set: destination_context.is_some(),
+                    audit: audit.clone().map(Into::into),
+                },
+                |mut grpc, request| async move { grpc.re_encrypt(request).await },
+            )
+            .await?;
+        Ok(ReEncrypted {
+            ciphertext_blob: response.ciphertext_blob,
+            source_key_id: response.source_key_id,
+            source_key_version: response.source_key_version,
+            key_id: response.key_id,
+            key_version: response.key_version,
+        })
+    }
+}

@@ -1,0 +1,275 @@
+//! PKCS#11 backend (cryptoki; SoftHSM in development and tests).
+//!
+//! Each key version is an AES-256 secret-key token object generated inside the HSM:
+//! sensitive, never extractable, usable only to encrypt and decrypt. Its label
+//! ("kms:<key id>:v<n>") is the `backend_ref` stored in the metadata database. Data keys come
+//! from the HSM's RNG; `seal`/`open` are `CKM_AES_GCM` with a fresh random 96-bit IV and a
+//! 128-bit tag. The token is found by label, never by slot number.
+
+mod errors;
+mod inspect;
+mod pool;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism as CkMechanism;
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::types::AuthPin;
+use rand::RngCore;
+use zeroize::Zeroizing;
+
+use self::errors::{classify, Fault};
+use self::pool::{PooledSession, SessionPool};
+pub use self::inspect::KeyProtection;
+pub use self::pool::PoolStats;
+use super::{BackendError, KeyBackend, Mechanism, Sealed};
+
+const GCM_IV_LEN: usize = 12;
+const GCM_TAG_BITS: u64 = 128;
+
+/// Settings for the PKCS#11 backend.
+#[derive(Clone)]
+pub struct Pkcs11Settings {
+    /// Path of the PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.
+    pub module: PathBuf,
+    pub token_label: String,
+    pub pin: AuthPin,
+    /// Sessions opened at most (SoftHSM's file store serialises work; 2-4 is plenty).
+    pub max_sessions: usize,
+    /// How long a request waits for a free session before UNAVAILABLE.
+    pub acquire_timeout: Duration,
+}
+
+impl std::fmt::Debug for Pkcs11Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11Settings")
+            .field("module", &self.module)
+            .field("token_label", &self.token_label)
+            .field("pin", &"<redacted>")
+            .field("max_sessions", &self.max_sessions)
+            .finish()
+    }
+}
+
+pub struct Pkcs11Backend {
+    pool: SessionPool,
+    /// Object handles by label. Handles stay valid across sessions of this process, and
+    /// looking one up (C_FindObjects) costs as much as the encryption itself.
+    handles: RwLock<HashMap<Vec<u8>, ObjectHandle>>,
+}
+
+impl Pkcs11Backend {
+    /// Loads the module (once per process) and checks that the token can be logged into.
+    pub fn new(settings: Pkcs11Settings) -> Result<Self, BackendError> {
+        let ctx = pool::context_for(&settings.module)?;
+        let backend = Pkcs11Backend {
+            pool: SessionPool::new(
+                ctx,
+                settings.token_label,
+                settings.pin,
+                settings.max_sessions,
+                settings.acquire_timeout,
+            ),
+            handles: RwLock::new(HashMap::new()),
+        };
+        backend.check_health()?;
+        Ok(backend)
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    /// Runs `op` with a pooled session and turns PKCS#11 errors into backend errors: a device
+    /// fault discards the session (and the other idle ones) so the next call starts afresh.
+    fn with_session<T>(
+        &self,
+        what: &str,
+        op: impl Fn(&PooledSession<'_>) -> Result<T, OpError>,
+    ) -> Result<T, BackendError> {
+        let session = self.pool.acquire()?;
+        match op(&session) {
+            Ok(v) => Ok(v),
+            Err(OpError::Backend(e)) => Err(e),
+            Err(OpError::Ck(e)) => match classify(&e) {
+                Fault::Device => {
+                    session.mark_broken();
+                    self.pool.discard_idle();
+                    self.forget_handles();
+                    Err(errors::unavailable(what, &e))
+                }
+                Fault::StaleHandle => {
+                    self.forget_handles();
+                    Err(errors::unavailable(what, &e))
+                }
+                Fault::Request => Err(errors::internal(what, &e)),
+            },
+        }
+    }
+
+    fn forget_handles(&self) {
+        if let Ok(mut h) = self.handles.write() {
+            h.clear();
+        }
+    }
+
+    /// The object handle of a key version, from the cache or by label.
+    fn key_handle(&self, session: &PooledSession<'_>, label: &[u8]) -> Result<ObjectHandle, OpError> {
+        if let Ok(h) = self.handles.read() {
+            if let Some(handle) = h.get(label) {
+                return Ok(*handle);
+            }
+        }
+        let template = [Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.to_vec())];
+        let found = session.session().find_objects(&template).map_err(OpError::Ck)?;
+        let handle = match found.as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(OpError::Backend(BackendError::KeyNotFound(format!(
+                    "no HSM object labelled {}",
+                    String::from_utf8_lossy(label)
+                ))))
+            }
+            _ => {
+                return Err(OpError::Backend(BackendError::Internal(format!(
+                    "several HSM objects labelled {}",
+                    String::from_utf8_lossy(label)
+                ))))
+            }
+        };
+        if let Ok(mut h) = self.handles.write() {
+            h.insert(label.to_vec(), handle);
+        }
+        Ok(handle)
+    }
+
+    /// After a GCM failure, tell "the ciphertext is wrong" from "the token is gone": SoftHSM
+    /// reports both as CKR_GENERAL_ERROR. A fresh lookup of the key object succeeds only on a
+    /// healthy token.
+    fn token_still_healthy(&self, session: &PooledSession<'_>, label: &[u8]) -> bool {
+        let template = [Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.to_vec())];
+        session.session().get_session_info().is_ok()
+            && matches!(session.session().find_objects(&template), Ok(v) if v.len() == 1)
+    }
+}
+
+/// Errors inside a session operation: raw PKCS#11 errors are classified by `with_session`.
+enum OpError {
+    Ck(cryptoki::error::Error),
+    Backend(BackendError),
+}
+
+fn aes_key_template(label: &[u8]) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32.into()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Modifiable(false),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+        Attribute::Sign(false),
+        Attribute::Verify(false),
+        Attribute::Derive(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Label(label.to_vec()),
+        Attribute::Id(label.to_vec()),
+    ]
+}
+
+impl KeyBackend for Pkcs11Backend {
+    fn kind(&self) -> &'static str {
+        "pkcs11"
+    }
+
+    fn mechanism(&self) -> Mechanism {
+        Mechanism::Pkcs11AesGcm
+    }
+
+    fn create_key_version(&self, name: &str) -> Result<Vec<u8>, BackendError> {
+        let label = name.as_bytes().to_vec();
+        self.with_session("generate AES key", |s| {
+            s.session().generate_key(&CkMechanism::AesKeyGen, &aes_key_template(&label)).map_err(OpError::Ck)
+        })?;
+        Ok(label)
+    }
+
+    fn seal(&self, backend_ref: &[u8], aad: &[u8], plaintext: &[u8]) -> Result<Sealed, BackendError> {
+        // SoftHSM never makes an IV: a fresh random 96-bit one from the OS CSPRNG per call.
+        let mut iv = [0u8; GCM_IV_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut iv);
+        let ciphertext = self.with_session("AES-GCM encrypt", |s| {
+            let key = self.key_handle(s, backend_ref)?;
+            let mut iv_buf = iv;
+            let params = GcmParams::new(&mut iv_buf, aad, GCM_TAG_BITS.into())
+                .map_err(|e| OpError::Backend(errors::internal("GCM parameters", &e)))?;
+            s.session().encrypt(&CkMechanism::AesGcm(params), key, plaintext).map_err(OpError::Ck)
+        })?;
+        Ok(Sealed { iv: iv.to_vec(), ciphertext })
+    }
+
+    fn open(
+        &self,
+        backend_ref: &[u8],
+        iv: &[u8],
+        aad: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+        if iv.len() != GCM_IV_LEN {
+            return Err(BackendError::InvalidInput(format!("GCM IV must be {GCM_IV_LEN} bytes")));
+        }
+        self.with_session("AES-GCM decrypt", |s| {
+            let key = self.key_handle(s, backend_ref)?;
+            let mut iv_buf = [0u8; GCM_IV_LEN];
+            iv_buf.copy_from_slice(iv);
+            let params = GcmParams::new(&mut iv_buf, aad, GCM_TAG_BITS.into())
+                .map_err(|e| OpError::Backend(errors::internal("GCM parameters", &e)))?;
+            match s.session().decrypt(&CkMechanism::AesGcm(params), key, ciphertext) {
+                Ok(plain) => Ok(Zeroizing::new(plain)),
+                Err(e) if errors::is_auth_failure(&e) && self.token_still_healthy(s, backend_ref) => {
+                    Err(OpError::Backend(BackendError::DecryptionFailed))
+                }
+                Err(e) if errors::is_auth_failure(&e) => Err(OpError::Backend(errors::unavailable(
+                    "AES-GCM decrypt (token check failed)",
+                    &e,
+                ))),
+                Err(e) => Err(OpError::Ck(e)),
+            }
+        })
+    }
+
+    fn random(&self, len: usize) -> Result<Zeroizing<Vec<u8>>, BackendError> {
+        let len = u32::try_from(len).map_err(|_| BackendError::InvalidInput("random length too large".into()))?;
+        self.with_session("C_GenerateRandom", |s| {
+            s.session().generate_random_vec(len).map(Zeroizing::new).map_err(OpError::Ck)
+        })
+    }
+
+    fn destroy_key_version(&self, backend_ref: &[u8]) -> Result<(), BackendError> {
+        self.with_session("destroy key object", |s| {
+            let key = self.key_handle(s, backend_ref)?;
+            s.session().destroy_object(key).map_err(OpError::Ck)
+        })?;
+        if let Ok(mut h) = self.handles.write() {
+            h.remove(backend_ref);
+        }
+        Ok(())
+    }
+
+    fn session_usage(&self) -> (usize, usize, usize) {
+        let s = self.pool.stats();
+        (s.in_use, s.waiting, s.idle)
+    }
+
+    fn check_health(&self) -> Result<(), BackendError> {
+        self.with_session("health check", |s| s.session().get_session_info().map(|_| ()).map_err(OpError::Ck))
+    }
+}

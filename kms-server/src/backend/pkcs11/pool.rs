@@ -1,0 +1,206 @@
+//! PKCS#11 library loading and a small pool of logged-in sessions.
+//!
+//! `Pkcs11` may be initialised only once per process (a second `C_Initialize` fails and
+//! `C_Finalize` breaks every other handle), so contexts are kept in a process-wide map keyed
+//! by module path. A `Session` is `Send` but not `Sync`: each blocking worker borrows one from
+//! the pool and returns it. A broken session is dropped instead of returned, and the next
+//! borrower opens (and logs in) a fresh one, which is how the backend recovers after the
+//! token goes away and comes back.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error, RvError};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+
+use super::errors::{self, short};
+use crate::backend::BackendError;
+
+static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+
+/// The process-wide, initialised context for a PKCS#11 module.
+pub(super) fn context_for(module: &Path) -> Result<Pkcs11, BackendError> {
+    let map = CONTEXTS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = map.lock().map_err(|_| BackendError::Internal("pkcs11 context map poisoned".into()))?;
+    if let Some(ctx) = map.get(module) {
+        return Ok(ctx.clone());
+    }
+    let ctx = Pkcs11::new(module).map_err(|e| {
+        BackendError::Unavailable(format!("cannot load PKCS#11 module {}: {}", module.display(), short(&e)))
+    })?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(errors::unavailable("C_Initialize", &e)),
+    }
+    map.insert(module.to_path_buf(), ctx.clone());
+    Ok(ctx)
+}
+
+/// Gauges the metrics endpoint shows.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PoolStats {
+    pub in_use: usize,
+    pub waiting: usize,
+    pub idle: usize,
+}
+
+#[derive(Default)]
+struct PoolState {
+    idle: Vec<Session>,
+    in_use: usize,
+    waiting: usize,
+}
+
+pub(super) struct SessionPool {
+    ctx: Pkcs11,
+    token_label: String,
+    pin: AuthPin,
+    max_sessions: usize,
+    acquire_timeout: Duration,
+    state: Mutex<PoolState>,
+    freed: Condvar,
+}
+
+impl SessionPool {
+    pub(super) fn new(
+        ctx: Pkcs11,
+        token_label: String,
+        pin: AuthPin,
+        max_sessions: usize,
+        acquire_timeout: Duration,
+    ) -> Self {
+        SessionPool {
+            ctx,
+            token_label,
+            pin,
+            max_sessions: max_sessions.max(1),
+            acquire_timeout,
+            state: Mutex::new(PoolState::default()),
+            freed: Condvar::new(),
+        }
+    }
+
+    pub(super) fn stats(&self) -> PoolStats {
+        match self.state.lock() {
+            Ok(s) => PoolStats { in_use: s.in_use, waiting: s.waiting, idle: s.idle.len() },
+            Err(_) => PoolStats::default(),
+        }
+    }
+
+    /// Borrows a logged-in session, opening one if the pool is below its size. Waits at most
+    /// `acquire_timeout` for a free slot.
+    pub(super) fn acquire(&self) -> Result<PooledSession<'_>, BackendError> {
+        let deadline = Instant::now() + self.acquire_timeout;
+        let poisoned = || BackendError::Internal("pkcs11 pool lock poisoned".into());
+        let mut state = self.state.lock().map_err(|_| poisoned())?;
+        loop {
+            if let Some(session) = state.idle.pop() {
+                state.in_use += 1;
+                return Ok(PooledSession { pool: self, session: Some(session) });
+            }
+            if state.in_use + state.idle.len() < self.max_sessions {
+                state.in_use += 1;
+                drop(state);
+                return match self.open_session() {
+                    Ok(session) => Ok(PooledSession { pool: self, session: Some(session) }),
+                    Err(e) => {
+                        self.release_slot();
+                        Err(e)
+                    }
+                };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(BackendError::Unavailable("all HSM sessions are busy".into()));
+            }
+            state.waiting += 1;
+            let (s, _) = self.freed.wait_timeout(state, deadline - now).map_err(|_| poisoned())?;
+            state = s;
+            state.waiting -= 1;
+        }
+    }
+
+    fn release_slot(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.in_use = s.in_use.saturating_sub(1);
+        }
+        self.freed.notify_one();
+    }
+
+    fn give_back(&self, session: Session) {
+        if let Ok(mut s) = self.state.lock() {
+            s.in_use = s.in_use.saturating_sub(1);
+            s.idle.push(session);
+        }
+        self.freed.notify_one();
+    }
+
+    /// Drops every idle session (after a device fault: they are likely dead too).
+    pub(super) fn discard_idle(&self) {
+        let idle = match self.state.lock() {
+            Ok(mut s) => std::mem::take(&mut s.idle),
+            Err(_) => return,
+        };
+        // Closing a session of a vanished token fails; nothing to do about it.
+        drop(idle);
+    }
+
+    fn find_slot(&self) -> Result<Slot, BackendError> {
+        let slots = self
+            .ctx
+            .get_slots_with_initialized_token()
+            .map_err(|e| errors::unavailable("C_GetSlotList", &e))?;
+        for slot in slots {
+            match self.ctx.get_token_info(slot) {
+                Ok(info) if info.label().trim_end() == self.token_label => return Ok(slot),
+                _ => continue,
+            }
+        }
+        Err(BackendError::Unavailable(format!("no PKCS#11 token labelled {:?}", self.token_label)))
+    }
+
+    fn open_session(&self) -> Result<Session, BackendError> {
+        let slot = self.find_slot()?;
+        let session = self.ctx.open_rw_session(slot).map_err(|e| errors::unavailable("C_OpenSession", &e))?;
+        match session.login(UserType::User, Some(&self.pin)) {
+            // Login state is per application: a second session is already logged in.
+            Ok(()) | Err(Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            Err(e) => Err(errors::unavailable("C_Login", &e)),
+        }
+    }
+}
+
+/// A borrowed session; returned to the pool on drop unless marked broken.
+pub(super) struct PooledSession<'a> {
+    pool: &'a SessionPool,
+    session: Option<Session>,
+}
+
+impl PooledSession<'_> {
+    pub(super) fn session(&self) -> &Session {
+        // Invariant: `session` is Some until drop or `mark_broken`, which consumes self.
+        match &self.session {
+            Some(s) => s,
+            None => unreachable!("pooled session used after release"),
+        }
+    }
+
+    /// Drops the session instead of returning it to the pool.
+    pub(super) fn mark_broken(mut self) {
+        self.session = None;
+        self.pool.release_slot();
+    }
+}
+
+impl Drop for PooledSession<'_> {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            self.pool.give_back(session);
+        }
+    }
+}

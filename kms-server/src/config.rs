@@ -1,0 +1,266 @@
+//! Server configuration: a TOML file, then environment overrides (`KMS_*`).
+//!
+//! Secrets (the HSM user PIN) never come from the command line: from `KMS_PKCS11_PIN` or from
+//! the file named by `pin_file`, and they are held in `SecretString`, whose `Debug` is redacted.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerSection,
+    pub tls: TlsSection,
+    pub database: DatabaseSection,
+    pub backend: BackendConfig,
+    #[serde(default)]
+    pub log: LogSection,
+    #[serde(default)]
+    pub cache: CacheSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// gRPC listen address; must be a loopback address unless `allow_non_loopback`.
+    pub listen: SocketAddr,
+    /// Prometheus metrics listen address (plain HTTP; keep it on localhost).
+    pub metrics_listen: Option<SocketAddr>,
+    #[serde(default = "default_node_id")]
+    pub node_id: String,
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA whose certificates clients must present (mutual TLS, always required).
+    pub client_ca: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSection {
+    /// `sqlite:<path>` or `postgres://…`.
+    pub url: String,
+}
+
+/// Which key backend holds the master keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BackendConfig {
+    Pkcs11(Pkcs11Section),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Section {
+    pub module: PathBuf,
+    pub token_label: String,
+    /// File holding the user PIN (first line). `KMS_PKCS11_PIN` takes precedence.
+    pub pin_file: Option<PathBuf>,
+    #[serde(default = "default_sessions")]
+    pub max_sessions: usize,
+    #[serde(default = "default_acquire_ms")]
+    pub acquire_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// "text" or "json".
+    #[serde(default = "default_log_format")]
+    pub format: String,
+    /// A tracing filter such as "info" or "kms_server=debug".
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { format: default_log_format(), level: default_log_level() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    /// How long key metadata read from the database is reused. Changes made through this
+    /// server take effect at once; changes made by another node within this time.
+    #[serde(default = "default_key_ttl")]
+    pub key_ttl_ms: u64,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection { key_ttl_ms: default_key_ttl() }
+    }
+}
+
+fn default_node_id() -> String {
+    "kms-1".into()
+}
+fn default_max_message_bytes() -> usize {
+    64 * 1024
+}
+fn default_grace() -> u64 {
+    10
+}
+fn default_sessions() -> usize {
+    2
+}
+fn default_acquire_ms() -> u64 {
+    5000
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+fn default_key_ttl() -> u64 {
+    2000
+}
+
+impl Config {
+    /// Reads the file, applies `KMS_*` environment overrides and checks the result.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut cfg: Config = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        if let Some(v) = get("KMS_LISTEN") {
+            self.server.listen = v.parse().context("KMS_LISTEN")?;
+        }
+        if let Some(v) = get("KMS_METRICS_LISTEN") {
+            self.server.metrics_listen = if v.is_empty() { None } else { Some(v.parse().context("KMS_METRICS_LISTEN")?) };
+        }
+        if let Some(v) = get("KMS_NODE_ID") {
+            self.server.node_id = v;
+        }
+        if let Some(v) = get("KMS_DATABASE_URL") {
+            self.database.url = v;
+        }
+        if let Some(v) = get("KMS_TLS_CERT") {
+            self.tls.cert = v.into();
+        }
+        if let Some(v) = get("KMS_TLS_KEY") {
+            self.tls.key = v.into();
+        }
+        if let Some(v) = get("KMS_TLS_CLIENT_CA") {
+            self.tls.client_ca = v.into();
+        }
+        if let Some(v) = get("KMS_LOG_FORMAT") {
+            self.log.format = v;
+        }
+        if let Some(v) = get("KMS_LOG_LEVEL") {
+            self.log.level = v;
+        }
+        let BackendConfig::Pkcs11(p) = &mut self.backend;
+        if let Some(v) = get("KMS_PKCS11_MODULE") {
+            p.module = v.into();
+        }
+        if let Some(v) = get("KMS_PKCS11_TOKEN_LABEL") {
+            p.token_label = v;
+        }
+        if let Some(v) = get("KMS_PKCS11_PIN_FILE") {
+            p.pin_file = Some(v.into());
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if !self.server.allow_non_loopback && !self.server.listen.ip().is_loopback() {
+            bail!("server.listen must be a loopback address (set allow_non_loopback to override)");
+        }
+        if let Some(m) = self.server.metrics_listen {
+            if !m.ip().is_loopback() {
+                bail!("server.metrics_listen must be a loopback address");
+            }
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            bail!("log.format must be \"text\" or \"json\"");
+        }
+        if self.server.max_message_bytes < 8 * 1024 {
+            bail!("server.max_message_bytes must be at least 8192");
+        }
+        Ok(())
+    }
+
+    pub fn key_cache_ttl(&self) -> Duration {
+        Duration::from_millis(self.cache.key_ttl_ms)
+    }
+}
+
+impl Pkcs11Section {
+    /// The user PIN: `KMS_PKCS11_PIN`, else the first line of `pin_file`.
+    pub fn pin(&self) -> anyhow::Result<SecretString> {
+        if let Ok(pin) = std::env::var("KMS_PKCS11_PIN") {
+            if !pin.is_empty() {
+                return Ok(SecretString::from(pin));
+            }
+        }
+        let Some(file) = &self.pin_file else {
+            bail!("no HSM PIN: set KMS_PKCS11_PIN or backend.pin_file");
+        };
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(file).with_context(|| format!("reading PIN file {}", file.display()))?,
+        );
+        let pin = text.lines().next().unwrap_or("").trim();
+        if pin.is_empty() {
+            bail!("PIN file {} is empty", file.display());
+        }
+        Ok(SecretString::from(pin.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../config/kms-server.example.toml");
+
+    #[test]
+    fn example_config_parses() {
+        let cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.server.listen.port(), 7443);
+    }
+
+    #[test]
+    fn env_overrides_and_validation() {
+        let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        cfg.apply_env(|k| match k {
+            "KMS_DATABASE_URL" => Some("postgres://x/y".into()),
+            "KMS_LISTEN" => Some("127.0.0.1:1".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(cfg.database.url, "postgres://x/y");
+        assert_eq!(cfg.server.listen.port(), 1);
+        cfg.server.listen = "0.0.0.0:7443".parse().unwrap();
+        assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let bad = EXAMPLE.replace("[server]", "[server]\nlisten_typo = 1");
+        assert!(toml::from_str::<Config>(&bad).is_err());
+    }
+}

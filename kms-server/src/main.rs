@@ -1,0 +1,58 @@
+//! kms-server entry point: parse arguments, set up logging, run until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use kms_server::config::Config;
+
+#[derive(Parser)]
+#[command(version, about = "gRPC key management service (PKCS#11 HSM / TPM master keys)")]
+struct Args {
+    /// TOML configuration file (see config/kms-server.example.toml).
+    #[arg(long, env = "KMS_CONFIG")]
+    config: PathBuf,
+    /// Load and check the configuration, then exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cfg.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let cfg = Config::load(&args.config)?;
+    if args.check_config {
+        println!("configuration OK");
+        return Ok(());
+    }
+    init_logging(&cfg);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+    runtime.block_on(kms_server::server::run(cfg, shutdown_signal()))
+}

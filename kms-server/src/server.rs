@@ -1,0 +1,134 @@
+//! Wiring: backend, store, key service, health, reflection, mutual TLS, metrics, shutdown.
+//! `main.rs` only parses arguments and calls `run`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use kms_proto::kms::v1::key_management_service_server::KeyManagementServiceServer;
+use tokio::net::TcpListener;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+
+use crate::backend::pkcs11::{Pkcs11Backend, Pkcs11Settings};
+use crate::backend::KeyBackend;
+use crate::config::{BackendConfig, Config};
+use crate::service::KmsService;
+use crate::store::{self, KeyStore};
+
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+const SERVICE_NAME: &str = "kms.v1.KeyManagementService";
+
+/// Builds the configured key backend (blocking: loads the PKCS#11 module and logs in).
+pub fn build_backend(cfg: &BackendConfig) -> anyhow::Result<Arc<dyn KeyBackend>> {
+    match cfg {
+        BackendConfig::Pkcs11(p) => {
+            let settings = Pkcs11Settings {
+                module: p.module.clone(),
+                token_label: p.token_label.clone(),
+                pin: p.pin()?,
+                max_sessions: p.max_sessions,
+                acquire_timeout: Duration::from_millis(p.acquire_timeout_ms),
+            };
+            let backend = Pkcs11Backend::new(settings).context("opening the PKCS#11 token")?;
+            Ok(Arc::new(backend))
+        }
+    }
+}
+
+/// Runs the server until `shutdown` completes, then lets in-flight requests finish (bounded
+/// by `shutdown_grace_secs`).
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    if let Some(addr) = cfg.server.metrics_listen {
+        crate::metrics::install(addr).context("starting the metrics listener")?;
+    }
+    let backend_cfg = cfg.backend.clone();
+    let backend = tokio::task::spawn_blocking(move || build_backend(&backend_cfg)).await??;
+    let store = store::connect(&cfg.database.url).await.context("opening the metadata database")?;
+    let service = KmsService::new(store.clone(), backend.clone(), cfg.key_cache_ttl());
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health_task = tokio::spawn(watch_health(reporter, backend.clone(), store.clone()));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kms_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(kms_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let tls = crate::tls::server_config(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.client_ca)?;
+    let listener = TcpListener::bind(cfg.server.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.server.listen))?;
+    let local = listener.local_addr()?;
+    let incoming = crate::tls::incoming(listener, tls);
+
+    let max = cfg.server.max_message_bytes;
+    let kms = KeyManagementServiceServer::new(service)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let mut stop_for_serve = stop_rx.clone();
+    let serve = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(kms)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop_for_serve.wait_for(|s| *s).await;
+            tracing::info!("shutdown requested; finishing in-flight requests");
+        });
+
+    tracing::info!(listen = %local, node_id = %cfg.server.node_id, backend = backend.kind(), "kms-server ready");
+    // A line on stdout that test harnesses and scripts wait for.
+    println!("KMS_READY listen={local}");
+
+    let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
+    let mut stop_for_grace = stop_rx;
+    tokio::select! {
+        result = serve => result.context("gRPC server")?,
+        _ = async move {
+            let _ = stop_for_grace.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!("in-flight requests did not finish within the grace period"),
+    }
+    health_task.abort();
+    tracing::info!("kms-server stopped");
+    Ok(())
+}
+
+/// Polls the backend and the database; NOT_SERVING while either is unreachable.
+async fn watch_health(reporter: HealthReporter, backend: Arc<dyn KeyBackend>, store: Arc<dyn KeyStore>) {
+    let mut last: Option<bool> = None;
+    loop {
+        let b = backend.clone();
+        let backend_ok = matches!(tokio::task::spawn_blocking(move || b.check_health()).await, Ok(Ok(())));
+        let store_ok = matches!(tokio::time::timeout(Duration::from_secs(2), store.ping()).await, Ok(Ok(())));
+        let (in_use, waiting, idle) = backend.session_usage();
+        crate::metrics::record_pool(in_use, waiting, idle);
+        crate::metrics::record_health(backend_ok, store_ok);
+        let ok = backend_ok && store_ok;
+        if last != Some(ok) {
+            let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+            reporter.set_service_status("", status).await;
+            reporter.set_service_status(SERVICE_NAME, status).await;
+            if ok {
+                tracing::info!("health: SERVING");
+            } else {
+                tracing::warn!(backend_ok, store_ok, "health: NOT_SERVING");
+            }
+            last = Some(ok);
+        }
+        tokio::time::sleep(HEALTH_INTERVAL).await;
+    }
+}

@@ -1,0 +1,167 @@
+//! Cryptographic handlers: GenerateDataKey, Encrypt, Decrypt, ReEncrypt.
+//!
+//! Every blob is sealed by the backend under the key's primary version with
+//! AAD = envelope header || canonical encryption context (see `envelope`). Plaintext data keys
+//! exist only in `Zeroizing` buffers here and in the response message.
+
+use kms_proto::kms::v1 as pb;
+use zeroize::Zeroizing;
+
+use super::validate::{self, KeyRef};
+use super::KmsService;
+use crate::context::EncryptionContext;
+use crate::envelope::{self, Envelope};
+use crate::error::KmsError;
+use crate::store::{KeyRecord, VersionState};
+
+/// Data keys are AES-256 keys.
+const DATA_KEY_LEN: usize = 32;
+
+/// A freshly sealed blob and what it was sealed under.
+struct SealedBlob {
+    blob: Vec<u8>,
+    key_id: String,
+    key_version: u32,
+}
+
+impl KmsService {
+    /// Seals `plaintext` under the primary version of `key`.
+    async fn seal_under(
+        &self,
+        key: &KeyRecord,
+        context: &EncryptionContext,
+        plaintext: Zeroizing<Vec<u8>>,
+    ) -> Result<SealedBlob, KmsError> {
+        Self::require_enabled(key)?;
+        let version = self.version(key, key.primary_version).await?;
+        if version.state != VersionState::Enabled {
+            return Err(KmsError::FailedPrecondition(format!(
+                "primary version {} of key {} is {}",
+                version.version,
+                key.key_id,
+                version.state.as_str()
+            )));
+        }
+        let mechanism = self.inner.backend.mechanism();
+        let aad = envelope::aad(mechanism, key.key_id, version.version, context);
+        let backend_ref = version.backend_ref;
+        let sealed = self.blocking(move |b| Ok(b.seal(&backend_ref, &aad, &plaintext)?)).await?;
+        let env = Envelope {
+            mechanism,
+            key_id: key.key_id,
+            key_version: version.version,
+            iv: sealed.iv,
+            ciphertext: sealed.ciphertext,
+        };
+        Ok(SealedBlob { blob: env.to_bytes(), key_id: key.key_id.to_string(), key_version: version.version })
+    }
+
+    /// Parses, checks and opens a blob. Returns the plaintext and the key it was sealed under.
+    async fn open_blob(
+        &self,
+        blob: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<(Zeroizing<Vec<u8>>, KeyRecord, u32), KmsError> {
+        if blob.is_empty() {
+            return Err(KmsError::invalid("ciphertext_blob is required"));
+        }
+        let env = Envelope::parse(blob).map_err(|e| KmsError::InvalidArgument(e.to_string()))?;
+        if env.mechanism != self.inner.backend.mechanism() {
+            return Err(KmsError::invalid(format!(
+                "ciphertext blob was sealed by another kind of backend ({:?}); this server uses {}",
+                env.mechanism,
+                self.inner.backend.kind()
+            )));
+        }
+        let key = self.key_by_id(env.key_id).await?;
+        Self::require_enabled(&key)?;
+        let version = self.version(&key, env.key_version).await?;
+        if version.state != VersionState::Enabled {
+            return Err(KmsError::FailedPrecondition(format!(
+                "version {} of key {} is {}",
+                version.version,
+                key.key_id,
+                version.state.as_str()
+            )));
+        }
+        let aad = env.aad(context);
+        let backend_ref = version.backend_ref;
+        let plaintext = self.blocking(move |b| Ok(b.open(&backend_ref, &env.iv, &aad, &env.ciphertext)?)).await?;
+        Ok((plaintext, key, version.version))
+    }
+
+    pub(super) async fn handle_generate_data_key(
+        &self,
+        req: pb::GenerateDataKeyRequest,
+    ) -> Result<pb::GenerateDataKeyResponse, KmsError> {
+        let key_ref = validate::key_ref("key", &req.key)?;
+        let context = EncryptionContext::from_wire(&req.encryption_context)?;
+        let key = self.resolve(&key_ref).await?;
+        Self::require_enabled(&key)?;
+        let data_key = self.blocking(|b| Ok(b.random(DATA_KEY_LEN)?)).await?;
+        let sealed = self.seal_under(&key, &context, data_key.clone()).await?;
+        Ok(pb::GenerateDataKeyResponse {
+            // The response owns this copy; tonic drops it after encoding.
+            plaintext: data_key.to_vec(),
+            ciphertext_blob: sealed.blob,
+            key_id: sealed.key_id,
+            key_version: sealed.key_version,
+        })
+    }
+
+    pub(super) async fn handle_encrypt(&self, req: pb::EncryptRequest) -> Result<pb::EncryptResponse, KmsError> {
+        let key_ref = validate::key_ref("key", &req.key)?;
+        let plaintext = Zeroizing::new(req.plaintext);
+        validate::plaintext(&plaintext)?;
+        let context = EncryptionContext::from_wire(&req.encryption_context)?;
+        let key = self.resolve(&key_ref).await?;
+        let sealed = self.seal_under(&key, &context, plaintext).await?;
+        Ok(pb::EncryptResponse { ciphertext_blob: sealed.blob, key_id: sealed.key_id, key_version: sealed.key_version })
+    }
+
+    pub(super) async fn handle_decrypt(&self, req: pb::DecryptRequest) -> Result<pb::DecryptResponse, KmsError> {
+        let context = EncryptionContext::from_wire(&req.encryption_context)?;
+        if let Some(audit) = &req.audit {
+            validate::audit_field("audit.acting_user", &audit.acting_user)?;
+            validate::audit_field("audit.purpose", &audit.purpose)?;
+        }
+        let (plaintext, key, version) = self.open_blob(&req.ciphertext_blob, &context).await?;
+        Ok(pb::DecryptResponse { plaintext: plaintext.to_vec(), key_id: key.key_id.to_string(), key_version: version })
+    }
+
+    pub(super) async fn handle_re_encrypt(&self, req: pb::ReEncryptRequest) -> Result<pb::ReEncryptResponse, KmsError> {
+        let source_context = EncryptionContext::from_wire(&req.source_encryption_context)?;
+        let dest_context = if req.destination_context_set {
+            EncryptionContext::from_wire(&req.destination_encryption_context)?
+        } else {
+            if !req.destination_encryption_context.is_empty() {
+                return Err(KmsError::invalid(
+                    "destination_encryption_context is set but destination_context_set is false",
+                ));
+            }
+            source_context.clone()
+        };
+        let dest_ref = if req.destination_key.is_empty() {
+            None
+        } else {
+            Some(validate::key_ref("destination_key", &req.destination_key)?)
+        };
+        if let Some(audit) = &req.audit {
+            validate::audit_field("audit.acting_user", &audit.acting_user)?;
+            validate::audit_field("audit.purpose", &audit.purpose)?;
+        }
+        let (plaintext, source_key, source_version) = self.open_blob(&req.ciphertext_blob, &source_context).await?;
+        let dest_key = match dest_ref {
+            None => self.key_by_id(source_key.key_id).await?,
+            Some(r @ (KeyRef::Id(_) | KeyRef::Alias(_))) => self.resolve(&r).await?,
+        };
+        let sealed = self.seal_under(&dest_key, &dest_context, plaintext).await?;
+        Ok(pb::ReEncryptResponse {
+            ciphertext_blob: sealed.blob,
+            source_key_id: source_key.key_id.to_string(),
+            source_key_version: source_version,
+            key_id: sealed.key_id,
+            key_version: sealed.key_version,
+        })
+    }
+}

@@ -1,0 +1,234 @@
+//! gRPC handlers for `kms.v1.KeyManagementService`: validate → resolve key → backend → answer.
+//!
+//! The trait impl at the bottom is thin: each RPC wraps its handler in `observe`, which gives
+//! it a request id and a tracing span, records metrics, and converts `KmsError` to a status.
+//! The handlers live in `keys.rs` (key administration) and `datakeys.rs` (cryptography).
+
+mod cache;
+mod datakeys;
+mod keys;
+pub mod validate;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kms_proto::kms::v1 as pb;
+use kms_proto::kms::v1::key_management_service_server::KeyManagementService;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::backend::KeyBackend;
+use crate::error::KmsError;
+use crate::store::{KeyRecord, KeyState, KeyStore, KeyVersionRecord};
+use cache::KeyCache;
+use validate::KeyRef;
+
+/// The key service. Cheap to clone.
+#[derive(Clone)]
+pub struct KmsService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn KeyStore>,
+    backend: Arc<dyn KeyBackend>,
+    cache: KeyCache,
+}
+
+impl KmsService {
+    pub fn new(store: Arc<dyn KeyStore>, backend: Arc<dyn KeyBackend>, key_cache_ttl: Duration) -> Self {
+        KmsService { inner: Arc::new(Inner { store, backend, cache: KeyCache::new(key_cache_ttl) }) }
+    }
+
+    fn store(&self) -> &dyn KeyStore {
+        self.inner.store.as_ref()
+    }
+
+    /// Runs blocking backend work on the blocking thread pool, never on the async runtime.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, KmsError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn KeyBackend) -> Result<T, KmsError> + Send + 'static,
+    {
+        let backend = self.inner.backend.clone();
+        tokio::task::spawn_blocking(move || f(backend.as_ref()))
+            .await
+            .map_err(|e| KmsError::Internal(format!("backend task failed: {e}")))?
+    }
+
+    /// Finds a key by id or alias (through the cache).
+    async fn resolve(&self, key: &KeyRef) -> Result<KeyRecord, KmsError> {
+        let id = match key {
+            KeyRef::Id(id) => *id,
+            KeyRef::Alias(alias) => match self.inner.cache.alias(alias) {
+                Some(id) => id,
+                None => {
+                    let rec = self
+                        .store()
+                        .get_key_by_alias(alias)
+                        .await?
+                        .ok_or_else(|| KmsError::NotFound(format!("key {alias:?} not found")))?;
+                    self.inner.cache.put_key(&rec);
+                    return Ok(rec);
+                }
+            },
+        };
+        self.key_by_id(id).await
+    }
+
+    async fn key_by_id(&self, id: Uuid) -> Result<KeyRecord, KmsError> {
+        if let Some(rec) = self.inner.cache.key(id) {
+            return Ok(rec);
+        }
+        let rec = self.store().get_key(id).await?.ok_or_else(|| KmsError::NotFound(format!("key {id} not found")))?;
+        self.inner.cache.put_key(&rec);
+        Ok(rec)
+    }
+
+    async fn version(&self, key: &KeyRecord, version: u32) -> Result<KeyVersionRecord, KmsError> {
+        if let Some(v) = self.inner.cache.version(key.key_id, version) {
+            return Ok(v);
+        }
+        let v = self
+            .store()
+            .get_version(key.key_id, version)
+            .await?
+            .ok_or_else(|| KmsError::NotFound(format!("key {} has no version {version}", key.key_id)))?;
+        self.inner.cache.put_version(&v);
+        Ok(v)
+    }
+
+    /// Refuses cryptographic use of a key that is not enabled.
+    fn require_enabled(key: &KeyRecord) -> Result<(), KmsError> {
+        match key.state {
+            KeyState::Enabled => Ok(()),
+            other => Err(KmsError::FailedPrecondition(format!("key {} is {}", key.key_id, other.as_str()))),
+        }
+    }
+}
+
+pub(crate) fn metadata(key: &KeyRecord) -> pb::KeyMetadata {
+    pb::KeyMetadata {
+        key_id: key.key_id.to_string(),
+        alias: key.alias.clone().unwrap_or_default(),
+        description: key.description.clone(),
+        state: match key.state {
+            KeyState::Enabled => pb::KeyState::Enabled,
+            KeyState::Disabled => pb::KeyState::Disabled,
+            KeyState::PendingDeletion => pb::KeyState::PendingDeletion,
+        } as i32,
+        primary_version: key.primary_version,
+        created_at_unix_ms: key.created_at_ms,
+        backend: key.backend.clone(),
+    }
+}
+
+/// The caller's request id: `x-request-id` if it is short and printable, else a new UUID.
+fn request_id<T>(req: &Request<T>) -> String {
+    req.metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| Uuid::new_v4().to_string())
+}
+
+/// Request id, tracing span, metrics and error conversion around one handler.
+async fn observe<Req, Res, Fut>(
+    rpc: &'static str,
+    req: Request<Req>,
+    handler: impl FnOnce(Request<Req>) -> Fut,
+) -> Result<Response<Res>, Status>
+where
+    Fut: Future<Output = Result<Res, KmsError>>,
+{
+    let started = Instant::now();
+    let rid = request_id(&req);
+    let peer = crate::auth::peer_name(&req);
+    let span = tracing::info_span!("rpc", rpc, request_id = %rid, peer = %peer);
+    let result = handler(req).instrument(span.clone()).await;
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(e) => e.code(),
+    };
+    crate::metrics::record_request(rpc, code, started.elapsed());
+    span.in_scope(|| match &result {
+        Ok(_) => tracing::debug!(code = ?code, "ok"),
+        Err(e) => tracing::info!(code = ?code, error = %e, "refused"),
+    });
+    let mut response = result.map(Response::new).map_err(Status::from)?;
+    if let Ok(v) = rid.parse() {
+        response.metadata_mut().insert("x-request-id", v);
+    }
+    Ok(response)
+}
+
+#[tonic::async_trait]
+impl KeyManagementService for KmsService {
+    async fn create_key(&self, r: Request<pb::CreateKeyRequest>) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        observe("CreateKey", r, |r| self.handle_create_key(r.into_inner())).await
+    }
+    async fn describe_key(
+        &self,
+        r: Request<pb::DescribeKeyRequest>,
+    ) -> Result<Response<pb::DescribeKeyResponse>, Status> {
+        observe("DescribeKey", r, |r| self.handle_describe_key(r.into_inner())).await
+    }
+    async fn list_keys(&self, r: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
+        observe("ListKeys", r, |r| self.handle_list_keys(r.into_inner())).await
+    }
+    async fn enable_key(&self, r: Request<pb::EnableKeyRequest>) -> Result<Response<pb::EnableKeyResponse>, Status> {
+        observe("EnableKey", r, |r| async move {
+            let key = self.handle_set_state(&r.into_inner().key, KeyState::Enabled).await?;
+            Ok(pb::EnableKeyResponse { key: Some(key) })
+        })
+        .await
+    }
+    async fn disable_key(
+        &self,
+        r: Request<pb::DisableKeyRequest>,
+    ) -> Result<Response<pb::DisableKeyResponse>, Status> {
+        observe("DisableKey", r, |r| async move {
+            let key = self.handle_set_state(&r.into_inner().key, KeyState::Disabled).await?;
+            Ok(pb::DisableKeyResponse { key: Some(key) })
+        })
+        .await
+    }
+    async fn generate_data_key(
+        &self,
+        r: Request<pb::GenerateDataKeyRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
+        observe("GenerateDataKey", r, |r| self.handle_generate_data_key(r.into_inner())).await
+    }
+    async fn generate_data_key_without_plaintext(
+        &self,
+        r: Request<pb::GenerateDataKeyWithoutPlaintextRequest>,
+    ) -> Result<Response<pb::GenerateDataKeyWithoutPlaintextResponse>, Status> {
+        observe("GenerateDataKeyWithoutPlaintext", r, |r| async move {
+            let r = r.into_inner();
+            let full = self
+                .handle_generate_data_key(pb::GenerateDataKeyRequest { key: r.key, encryption_context: r.encryption_context })
+                .await?;
+            // `full.plaintext` is dropped here; prost buffers are plain Vec, so wipe it.
+            let mut plaintext = full.plaintext;
+            zeroize::Zeroize::zeroize(&mut plaintext);
+            Ok(pb::GenerateDataKeyWithoutPlaintextResponse {
+                ciphertext_blob: full.ciphertext_blob,
+                key_id: full.key_id,
+                key_version: full.key_version,
+            })
+        })
+        .await
+    }
+    async fn encrypt(&self, r: Request<pb::EncryptRequest>) -> Result<Response<pb::EncryptResponse>, Status> {
+        observe("Encrypt", r, |r| self.handle_encrypt(r.into_inner())).await
+    }
+    async fn decrypt(&self, r: Request<pb::DecryptRequest>) -> Result<Response<pb::DecryptResponse>, Status> {
+        observe("Decrypt", r, |r| self.handle_decrypt(r.into_inner())).await
+    }
+    async fn re_encrypt(&self, r: Request<pb::ReEncryptRequest>) -> Result<Response<pb::ReEncryptResponse>, Status> {
+        observe("ReEncrypt", r, |r| self.handle_re_encrypt(r.into_inner())).await
+    }
+}

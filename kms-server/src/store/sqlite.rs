@@ -1,0 +1,440 @@
+//! `KeyStore` on SQLite (sqlx): a private (0600) WAL database file, migrations from `migrations/sqlite`.
+//!
+//! Durability: `synchronous = FULL`, not the `NORMAL` that WAL usually allows. With `NORMAL` a
+//! power loss can roll back transactions that were already reported committed; here that would
+//! lose a key version whose ciphertexts are already in the hands of clients (and for the TPM
+//! backend the stored `backend_ref` blob is the only way back to the key). Writes are rare
+//! (key creation, rotation, state changes), so one extra fsync per commit costs nothing that
+//! matters.
+//!
+//! SQLite work does not block the async runtime: sqlx runs every connection on its own worker
+//! thread. Write transactions start with `BEGIN IMMEDIATE`, so they take the write lock up front
+//! and wait for it under `busy_timeout` instead of failing with `SQLITE_BUSY` half way through.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{
+    check_first_version, check_next_version, version_from_db, KeyRecord, KeyState, KeyStore,
+    KeyVersionRecord, StoreError, VersionState,
+};
+
+/// How long a statement waits for another connection's write lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a caller waits for a pooled connection.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// SQLite has one writer at a time anyway; a few connections serve concurrent reads.
+const MAX_CONNECTIONS: u32 = 4;
+/// Mode of a database file this store creates (and of its `-wal` / `-shm` companions).
+const FILE_MODE: u32 = 0o600;
+
+/// The columns of `keys`, in the order `key_from_row` reads them.
+macro_rules! key_columns {
+    () => {
+        "key_id, alias, description, state, primary_version, created_at_ms, backend"
+    };
+}
+
+/// The columns of `key_versions`, in the order `version_from_row` reads them.
+macro_rules! version_columns {
+    () => {
+        "key_id, version, backend_ref, state, created_at_ms"
+    };
+}
+
+/// Key metadata in one SQLite database file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens `sqlite:<path>` (also `sqlite://<path>`), creating the file with mode 0600 if it
+    /// does not exist. Does not run migrations (see [`KeyStore::migrate`]).
+    ///
+    /// In-memory databases are refused: key metadata must survive a restart.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let path = database_path(url)?;
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(map_err)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+
+        // Create the file ourselves, already 0600, so that it never exists with the umask's
+        // mode. SQLite opens an empty file as an empty database, and gives the `-wal` and
+        // `-shm` files it creates later the mode of the database file.
+        let created = false; let _ = create_private_file;
+
+        let pool = SqlitePoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options)
+            .await
+            .map_err(map_err)?;
+
+        if created {
+            // The pool has opened the file and switched it to WAL: make sure of the mode of
+            // all three files whatever happened in between.
+            restrict_permissions(&path).await?;
+        } else {
+            warn_if_not_private(&path).await;
+        }
+        Ok(SqliteStore { pool })
+    }
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("migrations/sqlite")
+            .run(&self.pool)
+            .await
+            .map_err(|err| super::map_migrate_err(err, map_database_err))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(map_err)
+    }
+
+    async fn insert_key(
+        &self,
+        key: &KeyRecord,
+        first_version: &KeyVersionRecord,
+    ) -> Result<(), StoreError> {
+        check_first_version(key, first_version)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        sqlx::query(concat!(
+            "INSERT INTO keys (",
+            key_columns!(),
+            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+        ))
+        .bind(key_id_text(key.key_id))
+        .bind(key.alias.as_deref())
+        .bind(key.description.as_str())
+        .bind(key.state.as_str())
+        .bind(i64::from(key.primary_version))
+        .bind(key.created_at_ms)
+        .bind(key.backend.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        insert_version(&mut tx, first_version).await?;
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn get_key(&self, key_id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
+        sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys WHERE key_id = ?1"))
+            .bind(key_id_text(key_id))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?
+            .map(|row| key_from_row(&row))
+            .transpose()
+    }
+
+    async fn get_key_by_alias(&self, alias: &str) -> Result<Option<KeyRecord>, StoreError> {
+        sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys WHERE alias = ?1"))
+            .bind(alias)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(map_err)?
+            .map(|row| key_from_row(&row))
+            .transpose()
+    }
+
+    async fn list_keys(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = match after {
+            Some(after) => {
+                sqlx::query(concat!(
+                    "SELECT ",
+                    key_columns!(),
+                    " FROM keys WHERE key_id > ?1 ORDER BY key_id LIMIT ?2"
+                ))
+                .bind(key_id_text(after))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+            }
+            None => {
+                sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys ORDER BY key_id LIMIT ?1"))
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await
+            }
+        }
+        .map_err(map_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn set_key_state(
+        &self,
+        key_id: Uuid,
+        state: KeyState,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        sqlx::query(concat!(
+            "UPDATE keys SET state = ?2 WHERE key_id = ?1 RETURNING ",
+            key_columns!()
+        ))
+        .bind(key_id_text(key_id))
+        .bind(state.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?
+        .map(|row| key_from_row(&row))
+        .transpose()
+    }
+
+    async fn get_version(
+        &self,
+        key_id: Uuid,
+        version: u32,
+    ) -> Result<Option<KeyVersionRecord>, StoreError> {
+        sqlx::query(concat!(
+            "SELECT ",
+            version_columns!(),
+            " FROM key_versions WHERE key_id = ?1 AND version = ?2"
+        ))
+        .bind(key_id_text(key_id))
+        .bind(i64::from(version))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?
+        .map(|row| version_from_row(&row))
+        .transpose()
+    }
+
+    async fn list_versions(&self, key_id: Uuid) -> Result<Vec<KeyVersionRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            version_columns!(),
+            " FROM key_versions WHERE key_id = ?1 ORDER BY version"
+        ))
+        .bind(key_id_text(key_id))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(version_from_row).collect()
+    }
+
+    async fn add_version(
+        &self,
+        version: &KeyVersionRecord,
+        make_primary: bool,
+    ) -> Result<(), StoreError> {
+        let key_id = key_id_text(version.key_id);
+        // IMMEDIATE: holds the database's write lock from here to COMMIT, so the "next
+        // version" check below cannot race another writer.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        let latest: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM key_versions WHERE key_id = ?1")
+                .bind(&key_id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        check_next_version(latest, version.version)?;
+        insert_version(&mut tx, version).await?;
+        if make_primary {
+            sqlx::query("UPDATE keys SET primary_version = ?2 WHERE key_id = ?1")
+                .bind(&key_id)
+                .bind(i64::from(version.version))
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+}
+
+async fn insert_version(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    version: &KeyVersionRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(concat!(
+        "INSERT INTO key_versions (",
+        version_columns!(),
+        ") VALUES (?1, ?2, ?3, ?4, ?5)"
+    ))
+    .bind(key_id_text(version.key_id))
+    .bind(i64::from(version.version))
+    .bind(version.backend_ref.as_slice())
+    .bind(version.state.as_str())
+    .bind(version.created_at_ms)
+    .execute(&mut **tx)
+    .await
+    .map(|_| ())
+    .map_err(map_err)
+}
+
+/// The canonical text form of a key id in SQLite: lower-case, hyphenated (enforced by a CHECK
+/// in the schema). Its text order is the UUID's byte order.
+fn key_id_text(key_id: Uuid) -> String {
+    key_id.hyphenated().to_string()
+}
+
+fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
+    let key_id: String = row.try_get("key_id").map_err(map_err)?;
+    let state: String = row.try_get("state").map_err(map_err)?;
+    let primary_version: i64 = row.try_get("primary_version").map_err(map_err)?;
+    Ok(KeyRecord {
+        key_id: parse_key_id(&key_id)?,
+        alias: row.try_get("alias").map_err(map_err)?,
+        description: row.try_get("description").map_err(map_err)?,
+        state: KeyState::parse(&state)?,
+        primary_version: version_from_db(primary_version)?,
+        created_at_ms: row.try_get("created_at_ms").map_err(map_err)?,
+        backend: row.try_get("backend").map_err(map_err)?,
+    })
+}
+
+fn version_from_row(row: &SqliteRow) -> Result<KeyVersionRecord, StoreError> {
+    let key_id: String = row.try_get("key_id").map_err(map_err)?;
+    let version: i64 = row.try_get("version").map_err(map_err)?;
+    let state: String = row.try_get("state").map_err(map_err)?;
+    Ok(KeyVersionRecord {
+        key_id: parse_key_id(&key_id)?,
+        version: version_from_db(version)?,
+        backend_ref: row.try_get("backend_ref").map_err(map_err)?,
+        state: VersionState::parse(&state)?,
+        created_at_ms: row.try_get("created_at_ms").map_err(map_err)?,
+    })
+}
+
+fn parse_key_id(text: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(text)
+        .map_err(|_| StoreError::Internal("malformed key id in database".to_string()))
+}
+
+/// The file named by a `sqlite:` URL, refusing in-memory databases.
+fn database_path(url: &str) -> Result<PathBuf, StoreError> {
+    let rest = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
+    let (database, params) = rest.split_once('?').unwrap_or((rest, ""));
+    if database.is_empty()
+        || database == ":memory:"
+        || params.split('&').any(|param| param == "mode=memory")
+    {
+        return Err(StoreError::Internal(
+            "sqlite url must name a database file: key metadata must survive a restart"
+                .to_string(),
+        ));
+    }
+    // The same parse sqlx does, for the same (percent-decoded) path.
+    let options = SqliteConnectOptions::from_str(url).map_err(map_err)?;
+    Ok(options.get_filename().to_path_buf())
+}
+
+/// Creates `path` with mode 0600 if it does not exist; returns whether it did.
+async fn create_private_file(path: &Path) -> Result<bool, StoreError> {
+    let result = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .await;
+    match result {
+        Ok(_) => Ok(true),
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(err) => Err(StoreError::Internal(format!(
+            "cannot create sqlite database {}: {err}",
+            path.display()
+        ))),
+    }
+}
+
+/// Sets mode 0600 on the database file and on its `-wal` / `-shm` files when they exist.
+async fn restrict_permissions(path: &Path) -> Result<(), StoreError> {
+    for file in companion_files(path) {
+        match tokio::fs::set_permissions(&file, std::fs::Permissions::from_mode(FILE_MODE)).await
+        {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && file != path => {}
+            Err(err) => {
+                return Err(StoreError::Internal(format!(
+                    "cannot set mode 0600 on {}: {err}",
+                    file.display()
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An existing database is left as the operator made it, but a readable one is worth a warning.
+async fn warn_if_not_private(path: &Path) {
+    if let Ok(meta) = tokio::fs::metadata(path).await {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format_args!("{mode:o}"),
+                "sqlite key metadata database is accessible to group or others; expected 0600"
+            );
+        }
+    }
+}
+
+/// The database file, then `<file>-wal` and `<file>-shm`.
+fn companion_files(path: &Path) -> [PathBuf; 3] {
+    let with_suffix = |suffix: &str| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    [path.to_path_buf(), with_suffix("-wal"), with_suffix("-shm")]
+}
+
+/// sqlx error → `StoreError` (see `super::map_sqlx_err`).
+fn map_err(err: sqlx::Error) -> StoreError {
+    super::map_sqlx_err(err, map_database_err)
+}
+
+/// An error SQLite returned → `StoreError`.
+fn map_database_err(db: &dyn sqlx::error::DatabaseError) -> StoreError {
+    if db.is_unique_violation() {
+        // SQLite names the columns, never the values: "UNIQUE constraint failed: keys.alias".
+        let message = db.message();
+        let what = if message.contains("key_versions.") {
+            "this key version already exists"
+        } else if message.contains("keys.alias") {
+            "a key with this alias already exists"
+        } else if message.contains("keys.key_id") {
+            "a key with this id already exists"
+        } else {
+            "a uniqueness constraint was violated"
+        };
+        return StoreError::Conflict(what.to_string());
+    }
+    // Primary result code: the low byte of the extended code.
+    let primary = db
+        .code()
+        .and_then(|code| code.parse::<i32>().ok())
+        .map(|code| code & 0xff);
+    match primary {
+        // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN,
+        // SQLITE_PROTOCOL: the database is there but cannot serve now.
+        Some(5 | 6 | 10 | 13 | 14 | 15) => {
+            StoreError::Unavailable(format!("sqlite: {}", db.message()))
+        }
+        _ => StoreError::Internal(format!("sqlite: {}", db.message())),
+    }
+}

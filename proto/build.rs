@@ -1,0 +1,11 @@
+//! Generates the gRPC code and the file descriptor set used for server reflection.
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("kms_descriptor.bin"))
+        .compile_protos(&["kms/v1/kms.proto"], &["."])?;
+    println!("cargo:rerun-if-changed=kms/v1/kms.proto");
+    Ok(())
+}
