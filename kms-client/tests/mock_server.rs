@@ -1,5 +1,6 @@
 //! `KmsClient` against in-process mock kms.v1 servers over real mutual TLS (certificates from
 //! `kms_client::pki`): failover, retry rules, deadlines, TLS failures, type conversions.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test crate: helpers may panic
 
 use std::{
     collections::BTreeMap,

@@ -40,6 +40,8 @@ pub fn build_backend(cfg: &BackendConfig) -> anyhow::Result<Arc<dyn KeyBackend>>
 /// Runs the server until `shutdown` completes, then lets in-flight requests finish (bounded
 /// by `shutdown_grace_secs`).
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    // Certificates first: a typo there should fail before the HSM is touched.
+    let tls = crate::tls::server_config(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.client_ca)?;
     if let Some(addr) = cfg.server.metrics_listen {
         crate::metrics::install(addr).context("starting the metrics listener")?;
     }
@@ -60,7 +62,6 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let tls = crate::tls::server_config(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.client_ca)?;
     let listener = TcpListener::bind(cfg.server.listen)
         .await
         .with_context(|| format!("binding {}", cfg.server.listen))?;

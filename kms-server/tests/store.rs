@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kms_server::store::{
-    self, KeyRecord, KeyState, KeyStore, KeyVersionRecord, PostgresStore, SqliteStore,
-    StoreError, VersionState,
+    self, KeyRecord, KeyState, KeyStore, KeyVersionRecord, PostgresStore, SqliteStore, StoreError,
+    VersionState,
 };
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgConnection};
@@ -43,7 +43,12 @@ impl TestDb {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite:{}", dir.path().join("kms.db").display());
         let store = store::connect(&url).await.expect("open sqlite store");
-        TestDb { store, url, dir: Some(dir), pg_database: None }
+        TestDb {
+            store,
+            url,
+            dir: Some(dir),
+            pg_database: None,
+        }
     }
 
     async fn postgres() -> TestDb {
@@ -53,7 +58,10 @@ impl TestDb {
         let mut attempt = 0;
         loop {
             let sql = format!("CREATE DATABASE {name}");
-            match sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await {
+            match sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut admin)
+                .await
+            {
                 Ok(_) => break,
                 Err(err) if attempt < 5 => {
                     attempt += 1;
@@ -72,11 +80,20 @@ impl TestDb {
                 panic!("open postgres store on {name}: {err:?}");
             }
         };
-        TestDb { store, url, dir: None, pg_database: Some(name) }
+        TestDb {
+            store,
+            url,
+            dir: None,
+            pg_database: Some(name),
+        }
     }
 
     fn sqlite_path(&self) -> PathBuf {
-        self.dir.as_ref().expect("a sqlite test db").path().join("kms.db")
+        self.dir
+            .as_ref()
+            .expect("a sqlite test db")
+            .path()
+            .join("kms.db")
     }
 }
 
@@ -102,7 +119,8 @@ fn pg_target(url: &str) -> String {
 
 async fn pg_admin() -> PgConnection {
     let url = pg_admin_url();
-    let options = PgConnectOptions::from_str(&url).expect("KMS_TEST_PG_URL must be a postgres:// URL");
+    let options =
+        PgConnectOptions::from_str(&url).expect("KMS_TEST_PG_URL must be a postgres:// URL");
     match tokio::time::timeout(Duration::from_secs(5), PgConnection::connect_with(&options)).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(err)) => panic!(
@@ -138,18 +156,27 @@ fn pg_url_for_database(url: &str, database: &str) -> String {
 fn drop_pg_database(name: &str) {
     let name = name.to_string();
     let joined = std::thread::spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
             return;
         };
         rt.block_on(async move {
-            let Ok(options) = PgConnectOptions::from_str(&pg_admin_url()) else { return };
+            let Ok(options) = PgConnectOptions::from_str(&pg_admin_url()) else {
+                return;
+            };
             let connect = PgConnection::connect_with(&options);
-            let Ok(Ok(mut admin)) = tokio::time::timeout(Duration::from_secs(5), connect).await else {
+            let Ok(Ok(mut admin)) = tokio::time::timeout(Duration::from_secs(5), connect).await
+            else {
                 eprintln!("could not connect to drop test database {name}");
                 return;
             };
             let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-            if let Err(err) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut admin).await {
+            if let Err(err) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut admin)
+                .await
+            {
                 eprintln!("could not drop test database {name}: {err}");
             }
             let _ = admin.close().await;
@@ -230,14 +257,22 @@ fn version_of(key_id: Uuid, version: u32, backend_ref: Vec<u8>) -> KeyVersionRec
     }
 }
 
-async fn insert_new_key(store: &dyn KeyStore, alias: Option<&str>) -> (KeyRecord, KeyVersionRecord) {
+async fn insert_new_key(
+    store: &dyn KeyStore,
+    alias: Option<&str>,
+) -> (KeyRecord, KeyVersionRecord) {
     let (key, v1) = new_key(alias);
     store.insert_key(&key, &v1).await.expect("insert_key");
     (key, v1)
 }
 
 async fn primary_of(store: &dyn KeyStore, key_id: Uuid) -> u32 {
-    store.get_key(key_id).await.unwrap().expect("key exists").primary_version
+    store
+        .get_key(key_id)
+        .await
+        .unwrap()
+        .expect("key exists")
+        .primary_version
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -253,14 +288,27 @@ async fn insert_and_get_by_id_and_alias(db: TestDb) {
     let (plain, plain_v1) = insert_new_key(store, None).await;
 
     assert_eq!(store.get_key(key.key_id).await.unwrap(), Some(key.clone()));
-    assert_eq!(store.get_key_by_alias("payments").await.unwrap(), Some(key.clone()));
-    assert_eq!(store.get_key(plain.key_id).await.unwrap(), Some(plain.clone()));
+    assert_eq!(
+        store.get_key_by_alias("payments").await.unwrap(),
+        Some(key.clone())
+    );
+    assert_eq!(
+        store.get_key(plain.key_id).await.unwrap(),
+        Some(plain.clone())
+    );
     assert_eq!(store.get_version(key.key_id, 1).await.unwrap(), Some(v1));
-    assert_eq!(store.get_version(plain.key_id, 1).await.unwrap(), Some(plain_v1));
+    assert_eq!(
+        store.get_version(plain.key_id, 1).await.unwrap(),
+        Some(plain_v1)
+    );
 
     assert_eq!(store.get_key(Uuid::new_v4()).await.unwrap(), None);
     assert_eq!(store.get_key_by_alias("nope").await.unwrap(), None);
-    assert_eq!(store.get_key_by_alias("PAYMENTS").await.unwrap(), None, "aliases are case-sensitive");
+    assert_eq!(
+        store.get_key_by_alias("PAYMENTS").await.unwrap(),
+        None,
+        "aliases are case-sensitive"
+    );
 }
 
 async fn duplicate_alias_is_conflict(db: TestDb) {
@@ -270,8 +318,14 @@ async fn duplicate_alias_is_conflict(db: TestDb) {
 
     match store.insert_key(&second, &second_v1).await {
         Err(StoreError::Conflict(msg)) => {
-            assert!(msg.contains("alias"), "message should name the alias conflict: {msg:?}");
-            assert!(!msg.contains("orders"), "message should not echo values: {msg:?}");
+            assert!(
+                msg.contains("alias"),
+                "message should name the alias conflict: {msg:?}"
+            );
+            assert!(
+                !msg.contains("orders"),
+                "message should not echo values: {msg:?}"
+            );
         }
         other => panic!("expected Conflict, got {other:?}"),
     }
@@ -288,18 +342,27 @@ async fn duplicate_alias_is_conflict(db: TestDb) {
     let (again, again_v1) = key_with_id(second.key_id, None);
     store.insert_key(&again, &again_v1).await.unwrap();
     let (dup, dup_v1) = key_with_id(second.key_id, Some("other"));
-    assert!(matches!(store.insert_key(&dup, &dup_v1).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.insert_key(&dup, &dup_v1).await,
+        Err(StoreError::Conflict(_))
+    ));
 }
 
 async fn insert_key_rejects_inconsistent_first_version(db: TestDb) {
     let store = db.store.as_ref();
     let (mut key, v1) = new_key(Some("inconsistent"));
     key.primary_version = 2;
-    assert!(matches!(store.insert_key(&key, &v1).await, Err(StoreError::Internal(_))));
+    assert!(matches!(
+        store.insert_key(&key, &v1).await,
+        Err(StoreError::Internal(_))
+    ));
 
     let (key, _) = new_key(Some("inconsistent"));
     let (_, foreign_v1) = new_key(None);
-    assert!(matches!(store.insert_key(&key, &foreign_v1).await, Err(StoreError::Internal(_))));
+    assert!(matches!(
+        store.insert_key(&key, &foreign_v1).await,
+        Err(StoreError::Internal(_))
+    ));
 
     assert_eq!(store.get_key_by_alias("inconsistent").await.unwrap(), None);
     assert!(store.list_keys(None, 10).await.unwrap().is_empty());
@@ -325,7 +388,13 @@ async fn list_keys_pages_in_key_id_order(db: TestDb) {
     }
     ids.sort();
 
-    let all: Vec<Uuid> = store.list_keys(None, 100).await.unwrap().iter().map(|k| k.key_id).collect();
+    let all: Vec<Uuid> = store
+        .list_keys(None, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|k| k.key_id)
+        .collect();
     assert_eq!(all, ids, "list_keys orders by key id (UUID byte order)");
 
     let mut paged = Vec::new();
@@ -345,12 +414,25 @@ async fn list_keys_pages_in_key_id_order(db: TestDb) {
 
     // `after` is exclusive, need not be a stored id, and limit 0 gives nothing.
     assert_eq!(
-        store.list_keys(Some(ids[2]), 2).await.unwrap().iter().map(|k| k.key_id).collect::<Vec<_>>(),
+        store
+            .list_keys(Some(ids[2]), 2)
+            .await
+            .unwrap()
+            .iter()
+            .map(|k| k.key_id)
+            .collect::<Vec<_>>(),
         ids[3..5].to_vec()
     );
     let before_all = Uuid::nil();
-    assert_eq!(store.list_keys(Some(before_all), 100).await.unwrap().len(), ids.len());
-    assert!(store.list_keys(Some(Uuid::max()), 100).await.unwrap().is_empty());
+    assert_eq!(
+        store.list_keys(Some(before_all), 100).await.unwrap().len(),
+        ids.len()
+    );
+    assert!(store
+        .list_keys(Some(Uuid::max()), 100)
+        .await
+        .unwrap()
+        .is_empty());
     assert!(store.list_keys(None, 0).await.unwrap().is_empty());
 
     // Full records come back, not just ids.
@@ -362,12 +444,32 @@ async fn set_key_state_updates_and_returns_none_for_unknown(db: TestDb) {
     let store = db.store.as_ref();
     let (key, _) = insert_new_key(store, Some("stateful")).await;
 
-    for state in [KeyState::Disabled, KeyState::PendingDeletion, KeyState::Enabled] {
-        let updated = store.set_key_state(key.key_id, state).await.unwrap().expect("key exists");
-        assert_eq!(updated, KeyRecord { state, ..key.clone() });
+    for state in [
+        KeyState::Disabled,
+        KeyState::PendingDeletion,
+        KeyState::Enabled,
+    ] {
+        let updated = store
+            .set_key_state(key.key_id, state)
+            .await
+            .unwrap()
+            .expect("key exists");
+        assert_eq!(
+            updated,
+            KeyRecord {
+                state,
+                ..key.clone()
+            }
+        );
         assert_eq!(store.get_key(key.key_id).await.unwrap(), Some(updated));
     }
-    assert_eq!(store.set_key_state(Uuid::new_v4(), KeyState::Disabled).await.unwrap(), None);
+    assert_eq!(
+        store
+            .set_key_state(Uuid::new_v4(), KeyState::Disabled)
+            .await
+            .unwrap(),
+        None
+    );
 }
 
 async fn versions_add_get_list(db: TestDb) {
@@ -375,18 +477,40 @@ async fn versions_add_get_list(db: TestDb) {
     let (key, v1) = insert_new_key(store, None).await;
     let (other, other_v1) = insert_new_key(store, None).await;
 
-    let v2 = KeyVersionRecord { state: VersionState::Disabled, ..version_of(key.key_id, 2, b"ref-2".to_vec()) };
-    let v3 = KeyVersionRecord { state: VersionState::Destroyed, ..version_of(key.key_id, 3, b"ref-3".to_vec()) };
+    let v2 = KeyVersionRecord {
+        state: VersionState::Disabled,
+        ..version_of(key.key_id, 2, b"ref-2".to_vec())
+    };
+    let v3 = KeyVersionRecord {
+        state: VersionState::Destroyed,
+        ..version_of(key.key_id, 3, b"ref-3".to_vec())
+    };
     store.add_version(&v2, false).await.unwrap();
     store.add_version(&v3, false).await.unwrap();
 
-    assert_eq!(store.get_version(key.key_id, 2).await.unwrap(), Some(v2.clone()));
-    assert_eq!(store.get_version(key.key_id, 3).await.unwrap(), Some(v3.clone()));
+    assert_eq!(
+        store.get_version(key.key_id, 2).await.unwrap(),
+        Some(v2.clone())
+    );
+    assert_eq!(
+        store.get_version(key.key_id, 3).await.unwrap(),
+        Some(v3.clone())
+    );
     assert_eq!(store.get_version(key.key_id, 4).await.unwrap(), None);
     assert_eq!(store.get_version(Uuid::new_v4(), 1).await.unwrap(), None);
-    assert_eq!(store.list_versions(key.key_id).await.unwrap(), vec![v1, v2, v3]);
-    assert_eq!(store.list_versions(other.key_id).await.unwrap(), vec![other_v1]);
-    assert!(store.list_versions(Uuid::new_v4()).await.unwrap().is_empty());
+    assert_eq!(
+        store.list_versions(key.key_id).await.unwrap(),
+        vec![v1, v2, v3]
+    );
+    assert_eq!(
+        store.list_versions(other.key_id).await.unwrap(),
+        vec![other_v1]
+    );
+    assert!(store
+        .list_versions(Uuid::new_v4())
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(primary_of(store, key.key_id).await, 1);
 
     // A version of a key that does not exist is refused and not stored.
@@ -402,22 +526,42 @@ async fn add_version_duplicate_is_conflict(db: TestDb) {
     store.add_version(&v2, false).await.unwrap();
 
     let v2_again = version_of(key.key_id, 2, b"replacement".to_vec());
-    assert!(matches!(store.add_version(&v2_again, true).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.add_version(&v2_again, true).await,
+        Err(StoreError::Conflict(_))
+    ));
     let v1_again = version_of(key.key_id, 1, b"replacement".to_vec());
-    assert!(matches!(store.add_version(&v1_again, false).await, Err(StoreError::Conflict(_))));
+    assert!(matches!(
+        store.add_version(&v1_again, false).await,
+        Err(StoreError::Conflict(_))
+    ));
 
     assert_eq!(store.list_versions(key.key_id).await.unwrap(), vec![v1, v2]);
-    assert_eq!(primary_of(store, key.key_id).await, 1, "a failed add_version changes nothing");
+    assert_eq!(
+        primary_of(store, key.key_id).await,
+        1,
+        "a failed add_version changes nothing"
+    );
 }
 
 async fn add_version_make_primary_is_atomic(db: TestDb) {
     let store = db.store.as_ref();
     let (key, _) = insert_new_key(store, Some("rotating")).await;
 
-    store.add_version(&version_of(key.key_id, 2, b"v2".to_vec()), true).await.unwrap();
+    store
+        .add_version(&version_of(key.key_id, 2, b"v2".to_vec()), true)
+        .await
+        .unwrap();
     assert_eq!(primary_of(store, key.key_id).await, 2);
-    store.add_version(&version_of(key.key_id, 3, b"v3".to_vec()), false).await.unwrap();
-    assert_eq!(primary_of(store, key.key_id).await, 2, "make_primary = false keeps the primary");
+    store
+        .add_version(&version_of(key.key_id, 3, b"v3".to_vec()), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        primary_of(store, key.key_id).await,
+        2,
+        "make_primary = false keeps the primary"
+    );
 
     // Not the next version: refused as a whole, neither the row nor the primary change.
     let gap = version_of(key.key_id, 5, b"v5".to_vec());
@@ -425,10 +569,22 @@ async fn add_version_make_primary_is_atomic(db: TestDb) {
     assert_eq!(store.get_version(key.key_id, 5).await.unwrap(), None);
     assert_eq!(primary_of(store, key.key_id).await, 2);
 
-    store.add_version(&version_of(key.key_id, 4, b"v4".to_vec()), true).await.unwrap();
+    store
+        .add_version(&version_of(key.key_id, 4, b"v4".to_vec()), true)
+        .await
+        .unwrap();
     let after = store.get_key(key.key_id).await.unwrap().unwrap();
-    assert_eq!(after, KeyRecord { primary_version: 4, ..key });
-    assert_eq!(store.get_key_by_alias("rotating").await.unwrap(), Some(after));
+    assert_eq!(
+        after,
+        KeyRecord {
+            primary_version: 4,
+            ..key
+        }
+    );
+    assert_eq!(
+        store.get_key_by_alias("rotating").await.unwrap(),
+        Some(after)
+    );
 }
 
 async fn concurrent_add_version_one_wins(db: TestDb) {
@@ -439,7 +595,9 @@ async fn concurrent_add_version_one_wins(db: TestDb) {
     for i in 0..4u8 {
         let store = store.clone();
         let version = version_of(key.key_id, 2, vec![i]);
-        tasks.push(tokio::spawn(async move { store.add_version(&version, true).await }));
+        tasks.push(tokio::spawn(async move {
+            store.add_version(&version, true).await
+        }));
     }
     let mut ok = 0;
     for task in tasks {
@@ -449,7 +607,10 @@ async fn concurrent_add_version_one_wins(db: TestDb) {
             Err(other) => panic!("expected Ok or Conflict, got {other:?}"),
         }
     }
-    assert_eq!(ok, 1, "exactly one concurrent add_version of version 2 wins");
+    assert_eq!(
+        ok, 1,
+        "exactly one concurrent add_version of version 2 wins"
+    );
     assert_eq!(store.list_versions(key.key_id).await.unwrap().len(), 2);
     assert_eq!(primary_of(store.as_ref(), key.key_id).await, 2);
 }
@@ -459,7 +620,9 @@ async fn backend_ref_bytes_round_trip(db: TestDb) {
     let all_bytes: Vec<u8> = (0..=255u8).rev().collect();
     let (key, mut v1) = new_key(None);
     // Invalid UTF-8 (lone continuation bytes, truncated sequences) and NULs.
-    v1.backend_ref = vec![0x00, 0xff, 0xc3, 0x28, 0xa0, 0xa1, 0xf0, 0x28, 0x8c, 0x28, 0x00];
+    v1.backend_ref = vec![
+        0x00, 0xff, 0xc3, 0x28, 0xa0, 0xa1, 0xf0, 0x28, 0x8c, 0x28, 0x00,
+    ];
     store.insert_key(&key, &v1).await.unwrap();
 
     let refs: Vec<Vec<u8>> = vec![
@@ -469,14 +632,35 @@ async fn backend_ref_bytes_round_trip(db: TestDb) {
         all_bytes.iter().cycle().take(64 * 1024).copied().collect(),
     ];
     for (i, backend_ref) in refs.iter().enumerate() {
-        let version = version_of(key.key_id, u32::try_from(i).unwrap() + 2, backend_ref.clone());
+        let version = version_of(
+            key.key_id,
+            u32::try_from(i).unwrap() + 2,
+            backend_ref.clone(),
+        );
         store.add_version(&version, false).await.unwrap();
     }
 
-    assert_eq!(store.get_version(key.key_id, 1).await.unwrap().unwrap().backend_ref, v1.backend_ref);
+    assert_eq!(
+        store
+            .get_version(key.key_id, 1)
+            .await
+            .unwrap()
+            .unwrap()
+            .backend_ref,
+        v1.backend_ref
+    );
     for (i, backend_ref) in refs.iter().enumerate() {
-        let stored = store.get_version(key.key_id, u32::try_from(i).unwrap() + 2).await.unwrap().unwrap();
-        assert_eq!(&stored.backend_ref, backend_ref, "backend_ref of version {}", i + 2);
+        let stored = store
+            .get_version(key.key_id, u32::try_from(i).unwrap() + 2)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            &stored.backend_ref,
+            backend_ref,
+            "backend_ref of version {}",
+            i + 2
+        );
     }
     let listed = store.list_versions(key.key_id).await.unwrap();
     assert_eq!(listed[0].backend_ref, v1.backend_ref);
@@ -485,12 +669,18 @@ async fn backend_ref_bytes_round_trip(db: TestDb) {
 
 async fn migrations_are_idempotent(db: TestDb) {
     let (key, v1) = insert_new_key(db.store.as_ref(), Some("survivor")).await;
-    db.store.migrate().await.expect("second migrate on the same pool");
+    db.store
+        .migrate()
+        .await
+        .expect("second migrate on the same pool");
 
     // A second, independent connect (which migrates again) sees the same data.
     let again = store::connect(&db.url).await.expect("reconnect");
     again.migrate().await.expect("migrate again");
-    assert_eq!(again.get_key_by_alias("survivor").await.unwrap(), Some(key.clone()));
+    assert_eq!(
+        again.get_key_by_alias("survivor").await.unwrap(),
+        Some(key.clone())
+    );
     assert_eq!(again.list_versions(key.key_id).await.unwrap(), vec![v1]);
 }
 
@@ -528,9 +718,10 @@ async fn schema_requires_primary_version_to_exist(db: TestDb) {
 // ---------------------------------------------------------------------------------------------
 // SQLite only
 
-fn mode_of(path: &Path) -> u32 {
-    std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display())).permissions().mode()
-        & 0o777
+/// The permission bits of `path`, in octal as `ls` shows them ("600").
+fn mode_of(path: &Path) -> String {
+    let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+    format!("{:o}", meta.permissions().mode() & 0o777)
 }
 
 #[tokio::test]
@@ -539,13 +730,17 @@ async fn sqlite_files_are_created_private() {
     // Write something so the WAL is in use.
     insert_new_key(db.store.as_ref(), Some("private")).await;
     let path = db.sqlite_path();
-    assert_eq!(mode_of(&path), 0o600, "database file mode");
+    assert_eq!(mode_of(&path), "600", "database file mode");
     for suffix in ["-wal", "-shm"] {
         let mut name = path.clone().into_os_string();
         name.push(suffix);
         let companion = PathBuf::from(name);
-        assert!(companion.exists(), "{} should exist in WAL mode", companion.display());
-        assert_eq!(mode_of(&companion), 0o600, "{suffix} file mode");
+        assert!(
+            companion.exists(),
+            "{} should exist in WAL mode",
+            companion.display()
+        );
+        assert_eq!(mode_of(&companion), "600", "{suffix} file mode");
     }
 }
 
@@ -555,15 +750,22 @@ async fn sqlite_database_is_in_wal_mode() {
     // journal_mode = WAL is stored in the database file; a plain connection (which sets no
     // journal mode) reads it back.
     let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
-    let journal: String =
-        sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut conn).await.unwrap();
+    let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(journal, "wal");
     let _ = conn.close().await;
 }
 
 #[tokio::test]
 async fn sqlite_refuses_in_memory_databases() {
-    for url in ["sqlite::memory:", "sqlite://:memory:", "sqlite://?mode=memory", "sqlite:"] {
+    for url in [
+        "sqlite::memory:",
+        "sqlite://:memory:",
+        "sqlite://?mode=memory",
+        "sqlite:",
+    ] {
         match SqliteStore::connect(url).await {
             Err(StoreError::Internal(_)) => {}
             other => panic!("{url}: expected Internal, got {other:?}"),
@@ -582,9 +784,15 @@ async fn assert_unavailable_quickly(url: &str) {
     let elapsed = started.elapsed();
     match result {
         Err(StoreError::Unavailable(msg)) => {
-            assert!(elapsed < Duration::from_secs(6), "took {elapsed:?} to report: {msg}");
+            assert!(
+                elapsed < Duration::from_secs(6),
+                "took {elapsed:?} to report: {msg}"
+            );
         }
-        other => panic!("{url}: expected Unavailable, got {:?}", other.map(|_| "a store")),
+        other => panic!(
+            "{url}: expected Unavailable, got {:?}",
+            other.map(|_| "a store")
+        ),
     }
 }
 
@@ -609,7 +817,9 @@ async fn postgres_blackholed_host_is_unavailable_quickly() {
 // Both migration folders in step
 
 fn migration_file_names(folder: &str) -> BTreeSet<String> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations").join(folder);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(folder);
     std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
@@ -621,7 +831,10 @@ fn migration_folders_have_the_same_files() {
     let sqlite = migration_file_names("sqlite");
     let postgres = migration_file_names("postgres");
     assert!(!sqlite.is_empty(), "no sqlite migrations");
-    assert_eq!(sqlite, postgres, "migrations/sqlite and migrations/postgres must hold the same files");
+    assert_eq!(
+        sqlite, postgres,
+        "migrations/sqlite and migrations/postgres must hold the same files"
+    );
 }
 
 #[tokio::test]
@@ -629,7 +842,9 @@ async fn migrated_schemas_have_the_same_tables_and_columns() {
     let sqlite_db = TestDb::sqlite().await;
     let pg_db = TestDb::postgres().await;
 
-    let mut sqlite = sqlx::SqliteConnection::connect(&sqlite_db.url).await.unwrap();
+    let mut sqlite = sqlx::SqliteConnection::connect(&sqlite_db.url)
+        .await
+        .unwrap();
     let sqlite_columns: BTreeSet<(String, String)> = sqlx::query_as(
         "SELECT m.name, p.name FROM sqlite_master AS m JOIN pragma_table_info(m.name) AS p \
          WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' AND m.name <> '_sqlx_migrations'",
@@ -655,5 +870,8 @@ async fn migrated_schemas_have_the_same_tables_and_columns() {
 
     assert!(sqlite_columns.contains(&("keys".to_string(), "key_id".to_string())));
     assert!(sqlite_columns.contains(&("key_versions".to_string(), "backend_ref".to_string())));
-    assert_eq!(sqlite_columns, pg_columns, "(table, column) sets differ between sqlite and postgres");
+    assert_eq!(
+        sqlite_columns, pg_columns,
+        "(table, column) sets differ between sqlite and postgres"
+    );
 }

@@ -152,12 +152,23 @@ pub async fn connect(url: &str) -> Result<Arc<dyn KeyStore>, StoreError> {
 /// sqlx error → `StoreError`, the part common to both databases; `database` maps the errors
 /// the database itself returned. Messages of `Unavailable` and `Conflict` reach clients: they
 /// are fixed texts or short driver messages that name no values.
-fn map_sqlx_err(err: sqlx::Error, database: fn(&dyn sqlx::error::DatabaseError) -> StoreError) -> StoreError {
+fn map_sqlx_err(
+    err: sqlx::Error,
+    database: fn(&dyn sqlx::error::DatabaseError) -> StoreError,
+) -> StoreError {
     match err {
-        sqlx::Error::PoolTimedOut => StoreError::Unavailable("timed out waiting for a database connection".to_string()),
-        sqlx::Error::PoolClosed => StoreError::Unavailable("the database pool is closed".to_string()),
-        sqlx::Error::WorkerCrashed => StoreError::Unavailable("the database worker crashed".to_string()),
-        sqlx::Error::Io(err) => StoreError::Unavailable(format!("cannot reach the database: {err}")),
+        sqlx::Error::PoolTimedOut => {
+            StoreError::Unavailable("timed out waiting for a database connection".to_string())
+        }
+        sqlx::Error::PoolClosed => {
+            StoreError::Unavailable("the database pool is closed".to_string())
+        }
+        sqlx::Error::WorkerCrashed => {
+            StoreError::Unavailable("the database worker crashed".to_string())
+        }
+        sqlx::Error::Io(err) => {
+            StoreError::Unavailable(format!("cannot reach the database: {err}"))
+        }
         sqlx::Error::Tls(err) => StoreError::Unavailable(format!("database tls error: {err}")),
         sqlx::Error::Database(db) => database(db.as_ref()),
         sqlx::Error::Migrate(err) => map_migrate_err(*err, database),
@@ -173,18 +184,27 @@ fn map_migrate_err(
 ) -> StoreError {
     use sqlx::migrate::MigrateError;
     match err {
-        MigrateError::Execute(err) | MigrateError::ExecuteMigration(err, _) => match map_sqlx_err(err, database) {
-            StoreError::Internal(msg) => StoreError::Internal(format!("migration failed: {msg}")),
-            other => other,
-        },
+        MigrateError::Execute(err) | MigrateError::ExecuteMigration(err, _) => {
+            match map_sqlx_err(err, database) {
+                StoreError::Internal(msg) => {
+                    StoreError::Internal(format!("migration failed: {msg}"))
+                }
+                other => other,
+            }
+        }
         other => StoreError::Internal(format!("migrations: {other}")),
     }
 }
 
 /// A key's first version must belong to it and be its primary version.
-fn check_first_version(key: &KeyRecord, first_version: &KeyVersionRecord) -> Result<(), StoreError> {
+fn check_first_version(
+    key: &KeyRecord,
+    first_version: &KeyVersionRecord,
+) -> Result<(), StoreError> {
     if first_version.key_id != key.key_id {
-        return Err(StoreError::Internal("insert_key: the first version belongs to another key".to_string()));
+        return Err(StoreError::Internal(
+            "insert_key: the first version belongs to another key".to_string(),
+        ));
     }
     if first_version.version != key.primary_version {
         return Err(StoreError::Internal(format!(
@@ -204,7 +224,9 @@ fn check_next_version(latest: Option<i64>, version: u32) -> Result<(), StoreErro
     };
     let version = i64::from(version);
     if version <= latest {
-        Err(StoreError::Conflict("this key version already exists".to_string()))
+        Err(StoreError::Conflict(
+            "this key version already exists".to_string(),
+        ))
     } else if version != latest + 1 {
         Err(StoreError::Internal(format!(
             "add_version: version {version} is not the next version {}",
@@ -217,6 +239,7 @@ fn check_next_version(latest: Option<i64>, version: u32) -> Result<(), StoreErro
 
 /// A version number read from the database (stored as a 64-bit integer).
 fn version_from_db(version: i64) -> Result<u32, StoreError> {
-    u32::try_from(version)
-        .map_err(|_| StoreError::Internal(format!("key version {version} in database is out of range")))
+    u32::try_from(version).map_err(|_| {
+        StoreError::Internal(format!("key version {version} in database is out of range"))
+    })
 }

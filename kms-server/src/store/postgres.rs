@@ -101,23 +101,31 @@ impl KeyStore for PostgresStore {
     }
 
     async fn get_key(&self, key_id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys WHERE key_id = $1"))
-            .bind(key_id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_err)?
-            .map(|row| key_from_row(&row))
-            .transpose()
+        sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM keys WHERE key_id = $1"
+        ))
+        .bind(key_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?
+        .map(|row| key_from_row(&row))
+        .transpose()
     }
 
     async fn get_key_by_alias(&self, alias: &str) -> Result<Option<KeyRecord>, StoreError> {
-        sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys WHERE alias = $1"))
-            .bind(alias)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_err)?
-            .map(|row| key_from_row(&row))
-            .transpose()
+        sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM keys WHERE alias = $1"
+        ))
+        .bind(alias)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?
+        .map(|row| key_from_row(&row))
+        .transpose()
     }
 
     async fn list_keys(
@@ -138,10 +146,14 @@ impl KeyStore for PostgresStore {
                 .await
             }
             None => {
-                sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys ORDER BY key_id LIMIT $1"))
-                    .bind(i64::from(limit))
-                    .fetch_all(&self.pool)
-                    .await
+                sqlx::query(concat!(
+                    "SELECT ",
+                    key_columns!(),
+                    " FROM keys ORDER BY key_id LIMIT $1"
+                ))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
             }
         }
         .map_err(map_err)?;

@@ -76,7 +76,7 @@ impl SqliteStore {
         // Create the file ourselves, already 0600, so that it never exists with the umask's
         // mode. SQLite opens an empty file as an empty database, and gives the `-wal` and
         // `-shm` files it creates later the mode of the database file.
-        let created = false; let _ = create_private_file;
+        let created = create_private_file(&path).await?;
 
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
@@ -119,7 +119,11 @@ impl KeyStore for SqliteStore {
         first_version: &KeyVersionRecord,
     ) -> Result<(), StoreError> {
         check_first_version(key, first_version)?;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err)?;
         sqlx::query(concat!(
             "INSERT INTO keys (",
             key_columns!(),
@@ -140,23 +144,31 @@ impl KeyStore for SqliteStore {
     }
 
     async fn get_key(&self, key_id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
-        sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys WHERE key_id = ?1"))
-            .bind(key_id_text(key_id))
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_err)?
-            .map(|row| key_from_row(&row))
-            .transpose()
+        sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM keys WHERE key_id = ?1"
+        ))
+        .bind(key_id_text(key_id))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?
+        .map(|row| key_from_row(&row))
+        .transpose()
     }
 
     async fn get_key_by_alias(&self, alias: &str) -> Result<Option<KeyRecord>, StoreError> {
-        sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys WHERE alias = ?1"))
-            .bind(alias)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_err)?
-            .map(|row| key_from_row(&row))
-            .transpose()
+        sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM keys WHERE alias = ?1"
+        ))
+        .bind(alias)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?
+        .map(|row| key_from_row(&row))
+        .transpose()
     }
 
     async fn list_keys(
@@ -177,10 +189,14 @@ impl KeyStore for SqliteStore {
                 .await
             }
             None => {
-                sqlx::query(concat!("SELECT ", key_columns!(), " FROM keys ORDER BY key_id LIMIT ?1"))
-                    .bind(i64::from(limit))
-                    .fetch_all(&self.pool)
-                    .await
+                sqlx::query(concat!(
+                    "SELECT ",
+                    key_columns!(),
+                    " FROM keys ORDER BY key_id LIMIT ?1"
+                ))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
             }
         }
         .map_err(map_err)?;
@@ -245,7 +261,11 @@ impl KeyStore for SqliteStore {
         let key_id = key_id_text(version.key_id);
         // IMMEDIATE: holds the database's write lock from here to COMMIT, so the "next
         // version" check below cannot race another writer.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err)?;
         let latest: Option<i64> =
             sqlx::query_scalar("SELECT MAX(version) FROM key_versions WHERE key_id = ?1")
                 .bind(&key_id)
@@ -327,15 +347,16 @@ fn parse_key_id(text: &str) -> Result<Uuid, StoreError> {
 
 /// The file named by a `sqlite:` URL, refusing in-memory databases.
 fn database_path(url: &str) -> Result<PathBuf, StoreError> {
-    let rest = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
+    let rest = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
     let (database, params) = rest.split_once('?').unwrap_or((rest, ""));
     if database.is_empty()
         || database == ":memory:"
         || params.split('&').any(|param| param == "mode=memory")
     {
         return Err(StoreError::Internal(
-            "sqlite url must name a database file: key metadata must survive a restart"
-                .to_string(),
+            "sqlite url must name a database file: key metadata must survive a restart".to_string(),
         ));
     }
     // The same parse sqlx does, for the same (percent-decoded) path.
@@ -364,8 +385,7 @@ async fn create_private_file(path: &Path) -> Result<bool, StoreError> {
 /// Sets mode 0600 on the database file and on its `-wal` / `-shm` files when they exist.
 async fn restrict_permissions(path: &Path) -> Result<(), StoreError> {
     for file in companion_files(path) {
-        match tokio::fs::set_permissions(&file, std::fs::Permissions::from_mode(FILE_MODE)).await
-        {
+        match tokio::fs::set_permissions(&file, std::fs::Permissions::from_mode(FILE_MODE)).await {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::NotFound && file != path => {}
             Err(err) => {

@@ -1,0 +1,184 @@
+//! kmsctl's output: a command yields a `Report` (ordered fields or a key table), printed
+//! either as aligned text or as one JSON object.
+
+use base64::{engine::general_purpose::STANDARD, Engine};
+use kms_client::KeyMetadata;
+use serde_json::{json, Map, Value};
+use time::{format_description::well_known::Rfc3339, OffsetDateTime};
+
+/// What a command has to say.
+pub enum Report {
+    /// `key: value` lines / a JSON object with these members, in this order.
+    Fields(Vec<(&'static str, Value)>),
+    /// A table of keys / `{"keys": [...]}`.
+    Keys(Vec<KeyMetadata>),
+}
+
+impl Report {
+    /// The text to print on stdout (ends with a newline).
+    pub fn render(&self, as_json: bool) -> String {
+        match (self, as_json) {
+            (Report::Fields(fields), true) => {
+                let object: Map<String, Value> = fields
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect();
+                format!("{}\n", Value::Object(object))
+            }
+            (Report::Fields(fields), false) => render_fields(fields),
+            (Report::Keys(keys), true) => {
+                let keys: Vec<Value> = keys.iter().map(key_json).collect();
+                format!("{}\n", json!({ "keys": keys }))
+            }
+            (Report::Keys(keys), false) => render_table(keys),
+        }
+    }
+}
+
+/// Standard base64, as every blob is printed.
+pub fn b64(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
+
+/// Parses a base64 blob given on the command line.
+pub fn from_b64(what: &str, text: &str) -> anyhow::Result<Vec<u8>> {
+    STANDARD
+        .decode(text.trim())
+        .map_err(|e| anyhow::anyhow!("{what} is not valid base64: {e}"))
+}
+
+/// The fields of a key, for `key create/describe/enable/disable`.
+pub fn key_fields(key: &KeyMetadata) -> Vec<(&'static str, Value)> {
+    vec![
+        ("key_id", json!(key.key_id)),
+        ("alias", json!(key.alias)),
+        ("description", json!(key.description)),
+        ("state", json!(key.state.as_str())),
+        ("primary_version", json!(key.primary_version)),
+        ("created_at", json!(timestamp(key.created_at_unix_ms))),
+        ("created_at_unix_ms", json!(key.created_at_unix_ms)),
+        ("backend", json!(key.backend)),
+    ]
+}
+
+fn key_json(key: &KeyMetadata) -> Value {
+    Value::Object(
+        key_fields(key)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
+}
+
+/// RFC 3339 UTC, or the raw number if out of range.
+pub fn timestamp(unix_ms: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| unix_ms.to_string())
+}
+
+/// A JSON value as a table cell: strings bare, null and "" as "-", arrays one per line.
+fn cell(value: &Value) -> String {
+    match value {
+        Value::Null => "-".into(),
+        Value::String(s) if s.is_empty() => "-".into(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) => items.iter().map(cell).collect::<Vec<_>>().join(", "),
+        other => other.to_string(),
+    }
+}
+
+fn render_fields(fields: &[(&'static str, Value)]) -> String {
+    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    fields
+        .iter()
+        .map(|(k, v)| format!("{:<width$} {}\n", format!("{k}:"), cell(v)))
+        .collect()
+}
+
+fn render_table(keys: &[KeyMetadata]) -> String {
+    let header = ["KEY_ID", "ALIAS", "STATE", "VERSION", "BACKEND", "CREATED"];
+    let rows: Vec<[String; 6]> = keys
+        .iter()
+        .map(|k| {
+            [
+                k.key_id.clone(),
+                k.alias.clone().unwrap_or_else(|| "-".into()),
+                k.state.to_string(),
+                k.primary_version.to_string(),
+                k.backend.clone(),
+                timestamp(k.created_at_unix_ms),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        format!("{}\n", text.join("  ").trim_end())
+    };
+    let mut out = line(&header.map(String::from));
+    for row in &rows {
+        out.push_str(&line(row));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kms_client::KeyState;
+
+    fn key(alias: Option<&str>) -> KeyMetadata {
+        KeyMetadata {
+            key_id: "0b9e6a4e-0000-4000-8000-000000000001".into(),
+            alias: alias.map(String::from),
+            description: String::new(),
+            state: KeyState::Enabled,
+            primary_version: 1,
+            created_at_unix_ms: 1_700_000_000_123,
+            backend: "pkcs11".into(),
+        }
+    }
+
+    #[test]
+    fn fields_align_and_json_is_one_object() {
+        let report = Report::Fields(vec![("key_id", json!("k")), ("key_version", json!(2))]);
+        assert_eq!(report.render(false), "key_id:      k\nkey_version: 2\n");
+        let text = report.render(true);
+        assert_eq!(text.lines().count(), 1);
+        let parsed: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed["key_version"], 2);
+    }
+
+    #[test]
+    fn key_table_and_json() {
+        let report = Report::Keys(vec![key(Some("notes")), key(None)]);
+        let text = report.render(false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("KEY_ID"));
+        assert_eq!(lines[0].find("ALIAS"), lines[1].find("notes"));
+        assert!(lines[2].contains("  -  "));
+        let parsed: Value = serde_json::from_str(&report.render(true)).unwrap();
+        assert_eq!(parsed["keys"][0]["alias"], "notes");
+        assert_eq!(parsed["keys"][1]["alias"], Value::Null);
+        assert_eq!(parsed["keys"][0]["created_at"], "2023-11-14T22:13:20.123Z");
+    }
+
+    #[test]
+    fn base64_round_trip() {
+        assert_eq!(b64(b"\x00\xff"), "AP8=");
+        assert_eq!(from_b64("blob", " AP8=\n").unwrap(), b"\x00\xff");
+        assert!(from_b64("blob", "***").is_err());
+    }
+}
