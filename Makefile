@@ -28,7 +28,7 @@ help:
 	@echo "make demo        deps, build, dev-env, scripts/demo.sh"
 	@echo "make lint        cargo fmt --check + clippy -D warnings"
 	@echo "make test        deps, lint, then build + cargo test with a PostgreSQL (scripts/with-postgres.sh)"
-	@echo "make bench       deps, build, dev-env, scripts/bench.sh"
+	@echo "make bench       deps, then scripts/bench.sh \$$(BENCH_ARGS) (release build, own server and token)"
 	@echo "make run-server  kms-server in the foreground with $(SERVER_CONFIG)"
 	@echo "make clean-dev   rm -rf $(DEV_DIR)"
 
@@ -67,8 +67,9 @@ test: deps lint
 	scripts/with-postgres.sh bash -euo pipefail -c \
 	    '$(CARGO) build --workspace --bins && $(CARGO) test --workspace'
 
-bench: deps build dev-env
-	scripts/bench.sh
+# kms-bench starts its own server with its own token and PKI: .dev is not needed.
+bench: deps
+	scripts/bench.sh $(BENCH_ARGS)
 
 run-server: build dev-env
 	SOFTHSM2_CONF=$(CURDIR)/$(SOFTHSM_DIR)/softhsm2.conf \

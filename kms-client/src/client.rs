@@ -9,8 +9,8 @@ use zeroize::Zeroizing;
 use crate::{
     transport::{Method, Transport},
     types::{required_key, to_proto_context},
-    AuditMetadata, Ciphertext, DataKey, Decrypted, EncryptionContext, Error, KeyMetadata,
-    KeyPage, KmsClientConfig, ReEncrypted,
+    AuditMetadata, Ciphertext, DataKey, Decrypted, EncryptionContext, Error, KeyMetadata, KeyPage,
+    KmsClientConfig, ReEncrypted,
 };
 
 /// Upper bound on pages followed by [`KmsClient::list_all_keys`], against a server that never

@@ -37,6 +37,9 @@
 //!   request provably never left the process), because a repeat would create a second key.
 //!   A failed pass over all endpoints is followed by a sleep of `initial_backoff · 2^n`
 //!   (capped at 5 s, half of it random) and another pass, up to `max_retries` times.
+//!   Worst case for one call: `(1 + max_retries) · endpoints · (connect_timeout +
+//!   request_timeout)` plus the sleeps; wrap the call in `tokio::time::timeout` if you need
+//!   a tighter overall bound.
 //!
 //! # Secrets
 //!
@@ -58,12 +61,12 @@ pub use config::{
     DEFAULT_REQUEST_TIMEOUT,
 };
 pub use error::{code_name, Error};
+/// Re-exported so callers can match on [`Error::code`] without depending on tonic.
+pub use tonic::Code;
 pub use transport::{Method, MAX_BACKOFF};
 pub use types::{
     AuditMetadata, Ciphertext, DataKey, Decrypted, EncryptionContext, KeyMetadata, KeyPage,
     KeyState, ReEncrypted,
 };
-/// Re-exported so callers can match on [`Error::code`] without depending on tonic.
-pub use tonic::Code;
 /// Re-exported for [`KmsClientConfig::key_pem`] and the plaintext fields.
 pub use zeroize::Zeroizing;

@@ -125,6 +125,27 @@ fn source_chain_has<E: std::error::Error + 'static>(status: &Status) -> bool {
     false
 }
 
+/// A status made locally by tonic from a transport failure says little ("transport error",
+/// "tcp connect error"); add its causes (e.g. "Connection refused", a certificate problem,
+/// a TLS alert) to the message. Statuses received from a server have no source and are
+/// returned unchanged.
+fn explain_local_error(status: Status) -> Status {
+    let mut message = status.message().to_string();
+    let mut source = std::error::Error::source(&status);
+    if source.is_none() {
+        return status;
+    }
+    while let Some(err) = source {
+        let text = err.to_string();
+        if text != "transport error" && !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = err.source();
+    }
+    Status::new(status.code(), message)
+}
+
 /// Reports a client-side deadline expiry as `DEADLINE_EXCEEDED` instead of tonic's `CANCELLED`.
 fn normalize(status: Status, timeout: Duration) -> Status {
     if status.code() == Code::Cancelled && source_chain_has::<tonic::TimeoutExpired>(&status) {
@@ -231,6 +252,7 @@ impl Transport {
                     Err(status) => status,
                 };
                 let disposition = classify(method, &status);
+                let status = explain_local_error(status);
                 tracing::debug!(
                     method = method.name(),
                     endpoint = %target.url,
@@ -256,7 +278,11 @@ impl Transport {
                 return Err(error);
             }
             let delay = backoff_delay(self.initial_backoff, pass, rand::random::<f64>());
-            tracing::debug!(method = method.name(), delay_ms = delay.as_millis() as u64, "backing off");
+            tracing::debug!(
+                method = method.name(),
+                delay_ms = delay.as_millis() as u64,
+                "backing off"
+            );
             tokio::time::sleep(delay).await;
             pass += 1;
         }

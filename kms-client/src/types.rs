@@ -145,7 +145,10 @@ impl fmt::Debug for DataKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DataKey")
             .field("plaintext", &"<redacted>")
-            .field("ciphertext_blob", &format_args!("<{} bytes>", self.ciphertext_blob.len()))
+            .field(
+                "ciphertext_blob",
+                &format_args!("<{} bytes>", self.ciphertext_blob.len()),
+            )
             .field("key_id", &self.key_id)
             .field("key_version", &self.key_version)
             .finish()
@@ -166,7 +169,10 @@ pub struct Ciphertext {
 impl fmt::Debug for Ciphertext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ciphertext")
-            .field("ciphertext_blob", &format_args!("<{} bytes>", self.ciphertext_blob.len()))
+            .field(
+                "ciphertext_blob",
+                &format_args!("<{} bytes>", self.ciphertext_blob.len()),
+            )
             .field("key_id", &self.key_id)
             .field("key_version", &self.key_version)
             .finish()
@@ -212,7 +218,10 @@ pub struct ReEncrypted {
 impl fmt::Debug for ReEncrypted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReEncrypted")
-            .field("ciphertext_blob", &format_args!("<{} bytes>", self.ciphertext_blob.len()))
+            .field(
+                "ciphertext_blob",
+                &format_args!("<{} bytes>", self.ciphertext_blob.len()),
+            )
             .field("source_key_id", &self.source_key_id)
             .field("source_key_version", &self.source_key_version)
             .field("key_id", &self.key_id)

@@ -113,8 +113,10 @@ async fn watch_health(reporter: HealthReporter, backend: Arc<dyn KeyBackend>, st
     let mut last: Option<bool> = None;
     loop {
         let b = backend.clone();
-        let backend_ok = matches!(tokio::task::spawn_blocking(move || b.check_health()).await, Ok(Ok(())));
-        let store_ok = matches!(tokio::time::timeout(Duration::from_secs(2), store.ping()).await, Ok(Ok(())));
+        let backend_result = tokio::task::spawn_blocking(move || b.check_health()).await;
+        let backend_ok = matches!(backend_result, Ok(Ok(())));
+        let store_result = tokio::time::timeout(Duration::from_secs(2), store.ping()).await;
+        let store_ok = matches!(store_result, Ok(Ok(())));
         let (in_use, waiting, idle) = backend.session_usage();
         crate::metrics::record_pool(in_use, waiting, idle);
         crate::metrics::record_health(backend_ok, store_ok);
@@ -126,7 +128,17 @@ async fn watch_health(reporter: HealthReporter, backend: Arc<dyn KeyBackend>, st
             if ok {
                 tracing::info!("health: SERVING");
             } else {
-                tracing::warn!(backend_ok, store_ok, "health: NOT_SERVING");
+                let backend_error = match &backend_result {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                    Ok(Ok(())) => String::new(),
+                };
+                let store_error = match &store_result {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "ping timed out".to_string(),
+                    Ok(Ok(())) => String::new(),
+                };
+                tracing::warn!(backend_ok, store_ok, %backend_error, %store_error, "health: NOT_SERVING");
             }
             last = Some(ok);
         }

@@ -1,4 +1,4 @@
-//! Key metadata store tests: the same checks against SQLite (a temp dir per test) and PostgreSQL (a fresh database per test).
+//! Key metadata store tests: the same checks on SQLite (temp dir) and PostgreSQL (fresh database).
 //!
 //! PostgreSQL comes from `KMS_TEST_PG_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`),
 //! a role that may create databases. Each test creates `kms_test_<random>` and drops it when

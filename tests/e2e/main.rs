@@ -2,4 +2,9 @@
 //! PostgreSQL through sqlx, rustls mutual TLS with real certificates. One test binary, one
 //! module per area; every test starts its own server, token and database.
 
+mod bad_inputs;
+mod hsm_outage;
+mod lifecycle;
 mod roundtrip;
+mod secrets;
+mod transport;

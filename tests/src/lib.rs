@@ -260,6 +260,24 @@ key_ttl_ms = {ttl}
             .await
     }
 
+    /// The dev CA certificate (PEM): the server's client CA and its server certificate's issuer.
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.pki_dir.join("ca.pem")).unwrap_or_default()
+    }
+
+    /// The dev CA with its key, to issue further client certificates (expired, other names).
+    pub fn ca(&self) -> Result<kms_client::pki::CertAuthority> {
+        kms_client::pki::CertAuthority::load(&self.pki_dir.join("ca.pem"), &self.pki_dir.join("ca.key"))
+            .map_err(|e| anyhow!("loading the dev CA: {e}"))
+    }
+
+    /// A raw tonic channel authenticated as `client` (for health, reflection, ...).
+    pub async fn channel(&self, client: &str) -> Result<Channel> {
+        let (cert, key) = self.cert_paths(client);
+        let key = Zeroizing::new(std::fs::read(key)?);
+        Ok(self.channel_with(std::fs::read(cert)?, key.to_vec()).await?)
+    }
+
     /// A raw generated client authenticated as `client`.
     pub async fn raw(&self, client: &str) -> Result<KeyManagementServiceClient<Channel>> {
         let (cert, key) = self.cert_paths(client);

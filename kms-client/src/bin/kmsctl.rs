@@ -60,7 +60,10 @@ fn error_line(err: &anyhow::Error) -> String {
         }
         None => format!("{err:#}"),
     };
-    format!("error: {}", text.split_whitespace().collect::<Vec<_>>().join(" "))
+    format!(
+        "error: {}",
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    )
 }
 
 #[cfg(test)]

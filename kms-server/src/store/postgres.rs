@@ -1,4 +1,4 @@
-//! `KeyStore` on PostgreSQL (sqlx): a small pool that fails fast, migrations from `migrations/postgres`.
+//! `KeyStore` on PostgreSQL: a small pool that fails fast; migrations in `migrations/postgres`.
 //!
 //! The pool's acquire timeout bounds every wait for a connection, including the first connect:
 //! an unreachable or stopped server gives `StoreError::Unavailable` after about

@@ -1,4 +1,4 @@
-//! `KeyStore` on SQLite (sqlx): a private (0600) WAL database file, migrations from `migrations/sqlite`.
+//! `KeyStore` on SQLite: one private (0600) WAL database file; migrations in `migrations/sqlite`.
 //!
 //! Durability: `synchronous = FULL`, not the `NORMAL` that WAL usually allows. With `NORMAL` a
 //! power loss can roll back transactions that were already reported committed; here that would

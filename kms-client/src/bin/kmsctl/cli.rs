@@ -216,7 +216,7 @@ pub enum PkiCommand {
         /// Output directory (created 0700 if missing).
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
-        /// Client certificate to create (repeatable): <NAME>.pem / <NAME>.key.
+        /// Client certificate to create (repeatable): NAME.pem and NAME.key.
         #[arg(long = "client", value_name = "NAME")]
         clients: Vec<String>,
     },

@@ -1,0 +1,197 @@
+//! kmsctl's commands: build the client from the global options, run one RPC (or the PKI
+//! generator), and turn the result into a `Report`.
+
+use std::{io::Read, path::Path, time::Duration};
+
+use anyhow::{anyhow, bail, Context};
+use kms_client::{pki, KmsClient, KmsClientConfig, Zeroizing};
+use serde_json::json;
+
+use crate::{
+    cli::{
+        to_context, Cli, Command, DatakeyCommand, DecryptArgs, EncryptArgs, KeyCommand, PkiCommand,
+        ReEncryptArgs,
+    },
+    output::{b64, from_b64, key_fields, Report},
+};
+
+/// Runs the command named on the command line.
+pub async fn run(cli: &Cli) -> anyhow::Result<Report> {
+    if let Command::Pki(PkiCommand::Init { dir, clients }) = &cli.command {
+        return pki_init(dir, &cli.server_names, clients);
+    }
+    let kms = connect(cli)?;
+    match &cli.command {
+        Command::Key(command) => key(&kms, command).await,
+        Command::Datakey(DatakeyCommand::Generate {
+            key_ref,
+            context,
+            no_plaintext,
+        }) => {
+            let context = context.to_context().map_err(|e| anyhow!(e))?;
+            if *no_plaintext {
+                let wrapped = kms
+                    .generate_data_key_without_plaintext(key_ref, &context)
+                    .await?;
+                Ok(Report::Fields(vec![
+                    ("key_id", json!(wrapped.key_id)),
+                    ("key_version", json!(wrapped.key_version)),
+                    ("ciphertext_blob", json!(b64(&wrapped.ciphertext_blob))),
+                ]))
+            } else {
+                let data_key = kms.generate_data_key(key_ref, &context).await?;
+                let plaintext = Zeroizing::new(b64(&data_key.plaintext));
+                Ok(Report::Fields(vec![
+                    ("key_id", json!(data_key.key_id)),
+                    ("key_version", json!(data_key.key_version)),
+                    ("ciphertext_blob", json!(b64(&data_key.ciphertext_blob))),
+                    ("plaintext", json!(plaintext.as_str())),
+                ]))
+            }
+        }
+        Command::Encrypt(args) => encrypt(&kms, args).await,
+        Command::Decrypt(args) => decrypt(&kms, args, cli.json).await,
+        Command::ReEncrypt(args) => re_encrypt(&kms, args).await,
+        Command::Pki(_) => bail!("unreachable: pki handled above"),
+    }
+}
+
+/// The client, from the global options. The key file is read into zeroizing memory.
+fn connect(cli: &Cli) -> anyhow::Result<KmsClient> {
+    let need = |path: &Option<std::path::PathBuf>, flag: &str, env: &str| {
+        path.clone()
+            .ok_or_else(|| anyhow!("missing --{flag} (or {env}): mutual TLS needs it"))
+    };
+    let ca = need(&cli.ca_file, "ca", "KMSCTL_CA")?;
+    let cert = need(&cli.cert_file, "cert", "KMSCTL_CERT")?;
+    let key = need(&cli.key_file, "key", "KMSCTL_KEY")?;
+    let endpoints: Vec<String> = cli
+        .endpoints
+        .iter()
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
+    let mut config = KmsClientConfig::from_files(endpoints, ca, cert, key)?;
+    config.server_name = match cli.server_names.as_slice() {
+        [] => None,
+        [name] if name.is_empty() => None,
+        [name] => Some(name.clone()),
+        _ => bail!("--server-name given more than once; RPC commands verify a single name"),
+    };
+    if cli.timeout_ms == 0 {
+        bail!("--timeout-ms must be greater than 0");
+    }
+    config.request_timeout = Duration::from_millis(cli.timeout_ms);
+    Ok(KmsClient::new(&config)?)
+}
+
+async fn key(kms: &KmsClient, command: &KeyCommand) -> anyhow::Result<Report> {
+    let key = match command {
+        KeyCommand::Create { alias, description } => {
+            kms.create_key(alias.as_deref(), description.as_deref())
+                .await?
+        }
+        KeyCommand::Describe(k) => kms.describe_key(&k.key_ref).await?,
+        KeyCommand::Enable(k) => kms.enable_key(&k.key_ref).await?,
+        KeyCommand::Disable(k) => kms.disable_key(&k.key_ref).await?,
+        KeyCommand::List { page_size } => {
+            return Ok(Report::Keys(kms.list_all_keys(*page_size).await?));
+        }
+    };
+    Ok(Report::Fields(key_fields(&key)))
+}
+
+async fn encrypt(kms: &KmsClient, args: &EncryptArgs) -> anyhow::Result<Report> {
+    let context = args.context.to_context().map_err(|e| anyhow!(e))?;
+    let plaintext: Zeroizing<Vec<u8>> = match (&args.plaintext, &args.input_file) {
+        (Some(text), _) => Zeroizing::new(text.as_bytes().to_vec()),
+        (None, Some(path)) => read_input(path)?,
+        (None, None) => bail!("give --plaintext or --in"),
+    };
+    let blob = kms.encrypt(&args.key_ref, &plaintext, &context).await?;
+    Ok(Report::Fields(vec![
+        ("key_id", json!(blob.key_id)),
+        ("key_version", json!(blob.key_version)),
+        ("ciphertext_blob", json!(b64(&blob.ciphertext_blob))),
+    ]))
+}
+
+/// Reads a file, or stdin for `-`, into zeroizing memory.
+fn read_input(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let mut buffer = Zeroizing::new(Vec::new());
+    if path == Path::new("-") {
+        std::io::stdin()
+            .read_to_end(&mut buffer)
+            .context("cannot read stdin")?;
+    } else {
+        let mut file =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        file.read_to_end(&mut buffer)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+    }
+    Ok(buffer)
+}
+
+async fn decrypt(kms: &KmsClient, args: &DecryptArgs, as_json: bool) -> anyhow::Result<Report> {
+    let context = args.context.to_context().map_err(|e| anyhow!(e))?;
+    let blob = from_b64("--blob", &args.blob)?;
+    let decrypted = kms.decrypt(&blob, &context, args.audit.to_audit()).await?;
+    let text = std::str::from_utf8(&decrypted.plaintext)
+        .ok()
+        .filter(|_| !as_json);
+    let (encoding, shown) = match text {
+        Some(text) => ("utf8", Zeroizing::new(text.to_string())),
+        None => ("base64", Zeroizing::new(b64(&decrypted.plaintext))),
+    };
+    Ok(Report::Fields(vec![
+        ("key_id", json!(decrypted.key_id)),
+        ("key_version", json!(decrypted.key_version)),
+        ("plaintext_encoding", json!(encoding)),
+        ("plaintext", json!(shown.as_str())),
+    ]))
+}
+
+async fn re_encrypt(kms: &KmsClient, args: &ReEncryptArgs) -> anyhow::Result<Report> {
+    let context = args.context.to_context().map_err(|e| anyhow!(e))?;
+    let blob = from_b64("--blob", &args.blob)?;
+    let destination_context = if args.to_context.is_empty() {
+        None
+    } else {
+        Some(to_context(&args.to_context).map_err(|e| anyhow!(e))?)
+    };
+    let re = kms
+        .re_encrypt(
+            &blob,
+            &context,
+            args.to_key.as_deref(),
+            destination_context.as_ref(),
+            args.audit.to_audit(),
+        )
+        .await?;
+    Ok(Report::Fields(vec![
+        ("key_id", json!(re.key_id)),
+        ("key_version", json!(re.key_version)),
+        ("source_key_id", json!(re.source_key_id)),
+        ("source_key_version", json!(re.source_key_version)),
+        ("ciphertext_blob", json!(b64(&re.ciphertext_blob))),
+    ]))
+}
+
+fn pki_init(dir: &Path, server_names: &[String], clients: &[String]) -> anyhow::Result<Report> {
+    if server_names.iter().any(String::is_empty) {
+        bail!("--server-name must not be empty for pki init");
+    }
+    let report = pki::init_dev_pki(dir, server_names, clients)?;
+    let paths = |list: &[std::path::PathBuf]| {
+        json!(list
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>())
+    };
+    Ok(Report::Fields(vec![
+        ("dir", json!(report.dir.display().to_string())),
+        ("created", paths(&report.created)),
+        ("kept", paths(&report.kept)),
+        ("warnings", json!(report.warnings)),
+    ]))
+}

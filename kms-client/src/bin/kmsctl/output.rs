@@ -84,6 +84,7 @@ fn cell(value: &Value) -> String {
         Value::Null => "-".into(),
         Value::String(s) if s.is_empty() => "-".into(),
         Value::String(s) => s.clone(),
+        Value::Array(items) if items.is_empty() => "-".into(),
         Value::Array(items) => items.iter().map(cell).collect::<Vec<_>>().join(", "),
         other => other.to_string(),
     }

@@ -29,6 +29,10 @@ pub use self::pool::PoolStats;
 use super::{BackendError, KeyBackend, Mechanism, Sealed};
 
 const GCM_IV_LEN: usize = 12;
+/// Label of a small data object the backend keeps in its token. A session that can no longer
+/// see it is looking at a token that went away (SoftHSM then shows an empty object list
+/// instead of failing), so "key not found" is only believed while the sentinel is visible.
+const SENTINEL_LABEL: &[u8] = b"kms-backend-sentinel";
 const GCM_TAG_BITS: u64 = 128;
 
 /// Settings for the PKCS#11 backend.
@@ -76,8 +80,26 @@ impl Pkcs11Backend {
             ),
             handles: RwLock::new(HashMap::new()),
         };
+        backend.ensure_sentinel()?;
         backend.check_health()?;
         Ok(backend)
+    }
+
+    /// Creates the sentinel object at start-up if this token does not have one yet.
+    fn ensure_sentinel(&self) -> Result<(), BackendError> {
+        self.with_session("create token sentinel", |s| {
+            if sentinel_visible(s)? {
+                return Ok(());
+            }
+            let template = [
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Label(SENTINEL_LABEL.to_vec()),
+                Attribute::Value(b"kms".to_vec()),
+            ];
+            s.session().create_object(&template).map(|_| ()).map_err(OpError::Ck)
+        })
     }
 
     pub fn pool_stats(&self) -> PoolStats {
@@ -95,6 +117,12 @@ impl Pkcs11Backend {
         match op(&session) {
             Ok(v) => Ok(v),
             Err(OpError::Backend(e)) => Err(e),
+            Err(OpError::TokenGone) => {
+                session.mark_broken();
+                self.pool.discard_idle();
+                self.forget_handles();
+                Err(BackendError::Unavailable(format!("{what}: the HSM token's objects are not visible")))
+            }
             Err(OpError::Ck(e)) => match classify(&e) {
                 Fault::Device => {
                     session.mark_broken();
@@ -128,6 +156,9 @@ impl Pkcs11Backend {
         let found = session.session().find_objects(&template).map_err(OpError::Ck)?;
         let handle = match found.as_slice() {
             [one] => *one,
+            [] if !sentinel_visible(session)? => {
+                return Err(OpError::TokenGone);
+            }
             [] => {
                 return Err(OpError::Backend(BackendError::KeyNotFound(format!(
                     "no HSM object labelled {}",
@@ -153,14 +184,23 @@ impl Pkcs11Backend {
     fn token_still_healthy(&self, session: &PooledSession<'_>, label: &[u8]) -> bool {
         let template = [Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.to_vec())];
         session.session().get_session_info().is_ok()
+            && matches!(sentinel_visible(session), Ok(true))
             && matches!(session.session().find_objects(&template), Ok(v) if v.len() == 1)
     }
+}
+
+/// Whether this session still sees the backend's sentinel object.
+fn sentinel_visible(session: &PooledSession<'_>) -> Result<bool, OpError> {
+    let template = [Attribute::Class(ObjectClass::DATA), Attribute::Label(SENTINEL_LABEL.to_vec())];
+    Ok(!session.session().find_objects(&template).map_err(OpError::Ck)?.is_empty())
 }
 
 /// Errors inside a session operation: raw PKCS#11 errors are classified by `with_session`.
 enum OpError {
     Ck(cryptoki::error::Error),
     Backend(BackendError),
+    /// The session works but the token's objects are gone (see `SENTINEL_LABEL`).
+    TokenGone,
 }
 
 fn aes_key_template(label: &[u8]) -> Vec<Attribute> {
@@ -270,6 +310,13 @@ impl KeyBackend for Pkcs11Backend {
     }
 
     fn check_health(&self) -> Result<(), BackendError> {
-        self.with_session("health check", |s| s.session().get_session_info().map(|_| ()).map_err(OpError::Ck))
+        self.with_session("health check", |s| {
+            s.session().get_session_info().map_err(OpError::Ck)?;
+            if sentinel_visible(s)? {
+                Ok(())
+            } else {
+                Err(OpError::TokenGone)
+            }
+        })
     }
 }

@@ -4,12 +4,15 @@
 //! `C_Finalize` breaks every other handle), so contexts are kept in a process-wide map keyed
 //! by module path. A `Session` is `Send` but not `Sync`: each blocking worker borrows one from
 //! the pool and returns it. A broken session is dropped instead of returned, and the next
-//! borrower opens (and logs in) a fresh one, which is how the backend recovers after the
-//! token goes away and comes back.
+//! borrower opens (and logs in) a fresh one. When no session can be opened (SoftHSM keeps a
+//! vanished token marked invalid until the library is initialised again), the pool
+//! re-initialises the library (`C_Finalize` + `C_Initialize`, at most once a second) under an
+//! exclusive lock that waits for every in-flight operation: that is how the backend recovers
+//! after the token goes away and comes back, without a restart.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -64,7 +67,12 @@ pub(super) struct SessionPool {
     acquire_timeout: Duration,
     state: Mutex<PoolState>,
     freed: Condvar,
+    /// Read-held by every borrowed session; write-held while the library is re-initialised.
+    library: RwLock<()>,
+    last_reinit: Mutex<Option<Instant>>,
 }
+
+const REINIT_INTERVAL: Duration = Duration::from_secs(1);
 
 impl SessionPool {
     pub(super) fn new(
@@ -82,6 +90,8 @@ impl SessionPool {
             acquire_timeout,
             state: Mutex::new(PoolState::default()),
             freed: Condvar::new(),
+            library: RwLock::new(()),
+            last_reinit: Mutex::new(None),
         }
     }
 
@@ -101,13 +111,14 @@ impl SessionPool {
         loop {
             if let Some(session) = state.idle.pop() {
                 state.in_use += 1;
-                return Ok(PooledSession { pool: self, session: Some(session) });
+                drop(state);
+                return self.lend(session);
             }
             if state.in_use + state.idle.len() < self.max_sessions {
                 state.in_use += 1;
                 drop(state);
-                return match self.open_session() {
-                    Ok(session) => Ok(PooledSession { pool: self, session: Some(session) }),
+                return match self.open_session_recovering() {
+                    Ok(session) => self.lend(session),
                     Err(e) => {
                         self.release_slot();
                         Err(e)
@@ -122,6 +133,62 @@ impl SessionPool {
             let (s, _) = self.freed.wait_timeout(state, deadline - now).map_err(|_| poisoned())?;
             state = s;
             state.waiting -= 1;
+        }
+    }
+
+    fn lend(&self, session: Session) -> Result<PooledSession<'_>, BackendError> {
+        match self.library.read() {
+            Ok(guard) => Ok(PooledSession { pool: self, session: Some(session), _library: guard }),
+            Err(_) => {
+                self.release_slot();
+                Err(BackendError::Internal("pkcs11 library lock poisoned".into()))
+            }
+        }
+    }
+
+    /// Opens a session; if that fails, re-initialises the library once and tries again.
+    fn open_session_recovering(&self) -> Result<Session, BackendError> {
+        match self.open_session() {
+            Ok(s) => Ok(s),
+            Err(first) => {
+                if self.reinitialize() {
+                    self.open_session()
+                } else {
+                    Err(first)
+                }
+            }
+        }
+    }
+
+    /// `C_Finalize` + `C_Initialize`, so the library scans its tokens again. Waits for every
+    /// borrowed session to come back first. Returns whether it ran (it is rate-limited).
+    fn reinitialize(&self) -> bool {
+        match self.last_reinit.lock() {
+            Ok(mut last) => {
+                if last.is_some_and(|t| t.elapsed() < REINIT_INTERVAL) {
+                    return false;
+                }
+                *last = Some(Instant::now());
+            }
+            Err(_) => return false,
+        }
+        let Ok(_exclusive) = self.library.write() else {
+            return false;
+        };
+        // Sessions must be closed while the library is still initialised.
+        self.discard_idle();
+        if let Err(e) = self.ctx.clone().finalize() {
+            tracing::debug!(error = %short(&e), "C_Finalize during recovery");
+        }
+        match self.ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+                tracing::info!("PKCS#11 library re-initialised");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %short(&e), "PKCS#11 re-initialisation failed");
+                false
+            }
         }
     }
 
@@ -179,6 +246,7 @@ impl SessionPool {
 pub(super) struct PooledSession<'a> {
     pool: &'a SessionPool,
     session: Option<Session>,
+    _library: RwLockReadGuard<'a, ()>,
 }
 
 impl PooledSession<'_> {
@@ -192,7 +260,8 @@ impl PooledSession<'_> {
 
     /// Drops the session instead of returning it to the pool.
     pub(super) fn mark_broken(mut self) {
-        self.session = None;
+        // Close it now, while this borrower still holds the library lock.
+        drop(self.session.take());
         self.pool.release_slot();
     }
 }

@@ -1,6 +1,7 @@
 //! Unit tests of the dev PKI: idempotence, file modes, certificate contents and chains.
 
 use super::*;
+use rcgen::KeyPair;
 use std::{collections::BTreeMap, time::SystemTime};
 
 fn names(list: &[&str]) -> Vec<String> {
@@ -21,7 +22,10 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (Vec<u8>, SystemTime)> {
         .map(|e| {
             let path = e.unwrap().path();
             let meta = fs::metadata(&path).unwrap();
-            (path.clone(), (fs::read(&path).unwrap(), meta.modified().unwrap()))
+            (
+                path.clone(),
+                (fs::read(&path).unwrap(), meta.modified().unwrap()),
+            )
         })
         .collect()
 }
@@ -30,8 +34,12 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (Vec<u8>, SystemTime)> {
 fn init_creates_everything_then_is_idempotent() {
     let dir = tempfile::tempdir().unwrap();
     let pki = dir.path().join("pki");
-    let report = init_dev_pki(&pki, &names(&["localhost", "kms.dev"]), &names(&["notes", "ops"]))
-        .unwrap();
+    let report = init_dev_pki(
+        &pki,
+        &names(&["localhost", "kms.dev"]),
+        &names(&["notes", "ops"]),
+    )
+    .unwrap();
     assert_eq!(report.created.len(), 8, "{report:?}");
     assert!(report.kept.is_empty());
     for f in ["ca", "server", "notes", "ops"] {
@@ -40,8 +48,12 @@ fn init_creates_everything_then_is_idempotent() {
     }
     let before = snapshot(&pki);
 
-    let again =
-        init_dev_pki(&pki, &names(&["localhost", "kms.dev"]), &names(&["notes", "ops"])).unwrap();
+    let again = init_dev_pki(
+        &pki,
+        &names(&["localhost", "kms.dev"]),
+        &names(&["notes", "ops"]),
+    )
+    .unwrap();
     assert!(again.created.is_empty(), "{again:?}");
     assert_eq!(again.kept.len(), 8);
     assert!(again.warnings.is_empty(), "{again:?}");
@@ -65,17 +77,32 @@ fn private_keys_are_0600() {
     let dir = tempfile::tempdir().unwrap();
     init_dev_pki(dir.path(), &[], &names(&["notes"])).unwrap();
     for f in ["ca.key", "server.key", "notes.key"] {
-        let mode = fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.path().join(f))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "{f}: {mode:o}");
     }
-    let mode = fs::metadata(dir.path().join("ca.pem")).unwrap().permissions().mode();
-    assert_eq!(mode & 0o077 & !0o044, 0, "ca.pem must not be group/world writable");
+    let mode = fs::metadata(dir.path().join("ca.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o077 & !0o044,
+        0,
+        "ca.pem must not be group/world writable"
+    );
 }
 
 #[test]
 fn certificates_chain_to_the_ca_and_carry_the_right_names() {
     let dir = tempfile::tempdir().unwrap();
-    init_dev_pki(dir.path(), &names(&["localhost", "10.0.0.7"]), &names(&["notes"])).unwrap();
+    init_dev_pki(
+        dir.path(),
+        &names(&["localhost", "10.0.0.7"]),
+        &names(&["notes"]),
+    )
+    .unwrap();
 
     let ca_der = der_of(&dir.path().join("ca.pem"));
     let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).unwrap();
@@ -96,7 +123,10 @@ fn certificates_chain_to_the_ca_and_carry_the_right_names() {
     assert!(eku.server_auth && !eku.client_auth);
     let sans = san_strings(&server);
     for expected in ["localhost", "10.0.0.7", "127.0.0.1"] {
-        assert!(sans.iter().any(|s| s == expected), "{expected} not in {sans:?}");
+        assert!(
+            sans.iter().any(|s| s == expected),
+            "{expected} not in {sans:?}"
+        );
     }
     assert!(server.validity().is_valid());
 
@@ -105,7 +135,10 @@ fn certificates_chain_to_the_ca_and_carry_the_right_names() {
     client.verify_signature(Some(ca.public_key())).unwrap();
     let cn = client.subject().iter_common_name().next().unwrap();
     assert_eq!(cn.as_str().unwrap(), "notes");
-    assert_eq!(san_strings(&client), vec!["spiffe://dev.clinic/client/notes"]);
+    assert_eq!(
+        san_strings(&client),
+        vec!["spiffe://dev.clinic/client/notes"]
+    );
     let eku = client.extended_key_usage().unwrap().unwrap().value;
     assert!(eku.client_auth && !eku.server_auth);
 
@@ -139,13 +172,20 @@ fn expired_and_foreign_certificates_for_negative_tests() {
 
     let other = CertAuthority::generate_dev("unrelated CA").unwrap();
     let foreign = other
-        .issue_client_cert("notes", Some(&client_uri("notes")), now - BACKDATE, now + LEAF_VALIDITY)
+        .issue_client_cert(
+            "notes",
+            Some(&client_uri("notes")),
+            now - BACKDATE,
+            now + LEAF_VALIDITY,
+        )
         .unwrap();
     assert!(other.has_issued(foreign.cert_pem.as_bytes()));
     assert!(!ca.has_issued(foreign.cert_pem.as_bytes()));
 
     // No URI at all, for "certificate without identity" tests.
-    let bare = ca.issue_client_cert("bare", None, now - BACKDATE, now + LEAF_VALIDITY).unwrap();
+    let bare = ca
+        .issue_client_cert("bare", None, now - BACKDATE, now + LEAF_VALIDITY)
+        .unwrap();
     let der = pem_to_cert_der(bare.cert_pem.as_bytes()).unwrap();
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
     assert!(san_strings(&cert).is_empty());
@@ -153,7 +193,10 @@ fn expired_and_foreign_certificates_for_negative_tests() {
     // Written pairs can be used like init_dev_pki's.
     let (pem, key) = (dir.path().join("old.pem"), dir.path().join("old.key"));
     expired.write(&pem, &key).unwrap();
-    assert!(expired.write(&pem, &key).is_err(), "write must never overwrite");
+    assert!(
+        expired.write(&pem, &key).is_err(),
+        "write must never overwrite"
+    );
     assert!(!format!("{expired:?}").contains("PRIVATE KEY"));
     assert!(!format!("{ca:?}").contains("PRIVATE KEY"));
 }
@@ -179,7 +222,11 @@ fn inconsistent_directories_are_refused_not_overwritten() {
         .write(&dir.path().join("notes.pem"), &dir.path().join("notes.key"))
         .unwrap();
     let err = init_dev_pki(dir.path(), &[], &names(&["notes"])).unwrap_err();
-    assert!(err.to_string().contains("not a certificate issued by ca.pem"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("not a certificate issued by ca.pem"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -188,15 +235,31 @@ fn kept_server_certificate_missing_a_name_is_reported() {
     init_dev_pki(dir.path(), &names(&["localhost"]), &[]).unwrap();
     let report = init_dev_pki(dir.path(), &names(&["localhost", "kms.dev"]), &[]).unwrap();
     assert_eq!(report.warnings.len(), 1);
-    assert!(report.warnings[0].contains("kms.dev"), "{:?}", report.warnings);
+    assert!(
+        report.warnings[0].contains("kms.dev"),
+        "{:?}",
+        report.warnings
+    );
 }
 
 #[test]
 fn bad_client_names_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    for bad in ["", "ca", "server", "../x", "a/b", ".hidden", "é", &"x".repeat(65)] {
+    for bad in [
+        "",
+        "ca",
+        "server",
+        "../x",
+        "a/b",
+        ".hidden",
+        "é",
+        &"x".repeat(65),
+    ] {
         let err = init_dev_pki(dir.path(), &[], &names(&[bad])).unwrap_err();
-        assert!(matches!(err, PkiError::InvalidName { .. }), "{bad:?}: {err}");
+        assert!(
+            matches!(err, PkiError::InvalidName { .. }),
+            "{bad:?}: {err}"
+        );
     }
     // Nothing was written for invalid input.
     assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);

@@ -17,20 +17,17 @@
 //! [`CertAuthority`] also issues certificates with arbitrary validity and names, for tests
 //! that need an expired certificate or one from an unrelated CA.
 
+mod authority;
+
 use std::{
-    fmt,
     fs::{self, OpenOptions},
     io::Write,
     path::{Path, PathBuf},
 };
 
-use rcgen::{
-    string::Ia5String, BasicConstraints, CertificateParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
-};
+use authority::{pem_to_cert_der, san_strings};
+pub use authority::{CertAuthority, IssuedCert};
 use time::{Duration, OffsetDateTime};
-use x509_parser::{certificate::X509Certificate, extensions::GeneralName, pem::Pem};
-use zeroize::Zeroizing;
 
 /// Lifetime of the dev CA.
 pub const CA_VALIDITY: Duration = Duration::days(3650);
@@ -80,196 +77,6 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
     move |source| PkiError::Io {
         path: path.to_path_buf(),
         source,
-    }
-}
-
-/// A certificate and its private key, as PEM. `Debug` hides the key.
-#[derive(Clone)]
-pub struct IssuedCert {
-    /// The certificate, PEM.
-    pub cert_pem: String,
-    /// The private key, PKCS#8 PEM (zeroized on drop).
-    pub key_pem: Zeroizing<String>,
-}
-
-impl IssuedCert {
-    /// Writes the certificate (0644) and key (0600). Both files must not exist yet.
-    pub fn write(&self, cert_path: &Path, key_path: &Path) -> Result<(), PkiError> {
-        write_new(key_path, self.key_pem.as_bytes(), 0o600)?;
-        write_new(cert_path, self.cert_pem.as_bytes(), 0o644)
-    }
-}
-
-impl fmt::Debug for IssuedCert {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IssuedCert")
-            .field("cert_pem", &self.cert_pem)
-            .field("key_pem", &"<redacted>")
-            .finish()
-    }
-}
-
-/// A CA that can issue certificates. `Debug` hides the key.
-pub struct CertAuthority {
-    issuer: Issuer<'static, KeyPair>,
-    cert_pem: String,
-    cert_der: Vec<u8>,
-}
-
-impl fmt::Debug for CertAuthority {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertAuthority")
-            .field("cert_pem", &self.cert_pem)
-            .field("key", &"<redacted>")
-            .finish()
-    }
-}
-
-impl CertAuthority {
-    /// A new self-signed CA (ECDSA P-256, `CA:TRUE, pathlen:0`) named `common_name`.
-    /// Use a different name for each unrelated CA in a test.
-    pub fn generate(
-        common_name: &str,
-        not_before: OffsetDateTime,
-        not_after: OffsetDateTime,
-    ) -> Result<Self, PkiError> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = distinguished_name(common_name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        params.serial_number = Some(random_serial());
-        params.not_before = not_before;
-        params.not_after = not_after;
-        let key = KeyPair::generate()?;
-        let cert = params.self_signed(&key)?;
-        Ok(Self {
-            cert_pem: cert.pem(),
-            cert_der: cert.der().to_vec(),
-            issuer: Issuer::new(params, key),
-        })
-    }
-
-    /// The dev CA: `common_name`, valid from an hour ago for [`CA_VALIDITY`].
-    pub fn generate_dev(common_name: &str) -> Result<Self, PkiError> {
-        let now = OffsetDateTime::now_utc();
-        Self::generate(common_name, now - BACKDATE, now + CA_VALIDITY)
-    }
-
-    /// A CA from its certificate and PKCS#8 private key, both PEM.
-    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
-        let key = KeyPair::from_pem(key_pem)?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
-        let cert_der = pem_to_cert_der(cert_pem.as_bytes())
-            .ok_or(rcgen::Error::CouldNotParseCertificate)?;
-        Ok(Self {
-            issuer,
-            cert_pem: cert_pem.to_string(),
-            cert_der,
-        })
-    }
-
-    /// A CA from a certificate file and a key file.
-    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, PkiError> {
-        let cert_pem = fs::read_to_string(cert_path).map_err(io_error(cert_path))?;
-        let key_pem = Zeroizing::new(fs::read_to_string(key_path).map_err(io_error(key_path))?);
-        Self::from_pem(&cert_pem, &key_pem)
-    }
-
-    /// Writes the certificate (0644) and key (0600). Both files must not exist yet.
-    pub fn write(&self, cert_path: &Path, key_path: &Path) -> Result<(), PkiError> {
-        let key_pem = Zeroizing::new(self.issuer.key().serialize_pem());
-        write_new(key_path, key_pem.as_bytes(), 0o600)?;
-        write_new(cert_path, self.cert_pem.as_bytes(), 0o644)
-    }
-
-    /// The CA certificate, PEM.
-    pub fn cert_pem(&self) -> &str {
-        &self.cert_pem
-    }
-
-    /// The CA certificate, DER.
-    pub fn cert_der(&self) -> &[u8] {
-        &self.cert_der
-    }
-
-    /// A server certificate: CN = the first name, SAN = every name (IP addresses recognised)
-    /// plus 127.0.0.1, EKU serverAuth.
-    pub fn issue_server_cert(
-        &self,
-        server_names: &[String],
-        not_before: OffsetDateTime,
-        not_after: OffsetDateTime,
-    ) -> Result<IssuedCert, PkiError> {
-        let mut names: Vec<String> = Vec::new();
-        for name in server_names.iter().map(String::as_str).chain([LOOPBACK]) {
-            if !names.iter().any(|n| n == name) {
-                names.push(name.to_string());
-            }
-        }
-        let mut params = CertificateParams::new(names)?;
-        params.distinguished_name = distinguished_name(
-            server_names.first().map_or(LOOPBACK, String::as_str),
-        );
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.sign_leaf(params, not_before, not_after)
-    }
-
-    /// A client certificate: CN = `common_name`, SAN URI = `uri` if given, EKU clientAuth.
-    pub fn issue_client_cert(
-        &self,
-        common_name: &str,
-        uri: Option<&str>,
-        not_before: OffsetDateTime,
-        not_after: OffsetDateTime,
-    ) -> Result<IssuedCert, PkiError> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = distinguished_name(common_name);
-        if let Some(uri) = uri {
-            params.subject_alt_names = vec![SanType::URI(Ia5String::try_from(uri)?)];
-        }
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.sign_leaf(params, not_before, not_after)
-    }
-
-    fn sign_leaf(
-        &self,
-        mut params: CertificateParams,
-        not_before: OffsetDateTime,
-        not_after: OffsetDateTime,
-    ) -> Result<IssuedCert, PkiError> {
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        params.not_before = not_before;
-        params.not_after = not_after;
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCert {
-            cert_pem: cert.pem(),
-            key_pem: Zeroizing::new(key.serialize_pem()),
-        })
-    }
-
-    /// Whether `cert_pem` is a certificate whose signature verifies with this CA's key.
-    pub fn has_issued(&self, cert_pem: &[u8]) -> bool {
-        let (Some(leaf_der), Ok((_, ca))) = (
-            pem_to_cert_der(cert_pem),
-            x509_parser::parse_x509_certificate(&self.cert_der),
-        ) else {
-            return false;
-        };
-        match x509_parser::parse_x509_certificate(&leaf_der) {
-            Ok((_, leaf)) => {
-                leaf.issuer() == ca.subject()
-                    && leaf.verify_signature(Some(ca.public_key())).is_ok()
-            }
-            Err(_) => false,
-        }
     }
 }
 
@@ -324,7 +131,10 @@ pub fn init_dev_pki(
             ca
         }
         false => {
-            let ca = CertAuthority::generate_dev("dev.clinic dev CA")?;
+            // A random suffix: two dev PKIs never share an issuer name, so a certificate
+            // from the wrong one is reported as "unknown CA", not as a bad signature.
+            let suffix = hex::encode(rand::random::<[u8; 4]>());
+            let ca = CertAuthority::generate_dev(&format!("dev.clinic dev CA {suffix}"))?;
             ca.write(&ca_pem, &ca_key)?;
             report.created.extend([ca_pem, ca_key]);
             ca
@@ -346,7 +156,10 @@ pub fn init_dev_pki(
     }
 
     for name in clients {
-        let (pem, key) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        let (pem, key) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
         ensure_leaf(&ca, &pem, &key, &mut report, || {
             ca.issue_client_cert(name, Some(&client_uri(name)), not_before, leaf_not_after)
         })?;
@@ -376,7 +189,9 @@ fn ensure_leaf(
         return Ok(true);
     }
     issue()?.write(pem, key)?;
-    report.created.extend([pem.to_path_buf(), key.to_path_buf()]);
+    report
+        .created
+        .extend([pem.to_path_buf(), key.to_path_buf()]);
     Ok(false)
 }
 
@@ -388,7 +203,11 @@ fn pair_state(cert: &Path, key: &Path) -> Result<bool, PkiError> {
         (Err(source), _) => Err(io_error(cert)(source)),
         (_, Err(source)) => Err(io_error(key)(source)),
         (Ok(cert_exists), Ok(_)) => {
-            let (present, absent) = if cert_exists { (cert, key) } else { (key, cert) };
+            let (present, absent) = if cert_exists {
+                (cert, key)
+            } else {
+                (key, cert)
+            };
             Err(PkiError::Inconsistent {
                 path: present.to_path_buf(),
                 reason: format!(
@@ -416,24 +235,6 @@ fn missing_server_names(pem: &Path, names: &[String]) -> Result<Vec<String>, Pki
         .collect())
 }
 
-/// The DNS, URI and IPv4 entries of a certificate's SAN, as strings.
-pub(crate) fn san_strings(cert: &X509Certificate<'_>) -> Vec<String> {
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            GeneralName::DNSName(s) | GeneralName::URI(s) => Some(s.to_string()),
-            GeneralName::IPAddress(ip) => <[u8; 4]>::try_from(*ip)
-                .ok()
-                .map(|b| std::net::Ipv4Addr::from(b).to_string()),
-            _ => None,
-        })
-        .collect()
-}
-
 fn validate_client_name(name: &str) -> Result<(), PkiError> {
     let invalid = |reason| {
         Err(PkiError::InvalidName {
@@ -459,29 +260,6 @@ fn validate_client_name(name: &str) -> Result<(), PkiError> {
     Ok(())
 }
 
-fn distinguished_name(common_name: &str) -> DistinguishedName {
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "dev.clinic dev PKI");
-    dn.push(DnType::CommonName, common_name);
-    dn
-}
-
-/// A random positive 128-bit serial number.
-fn random_serial() -> SerialNumber {
-    let mut bytes: [u8; 16] = rand::random();
-    bytes[0] &= 0x7f;
-    bytes[0] |= 0x01; // no leading zero byte: the DER integer stays 16 bytes
-    SerialNumber::from_slice(&bytes)
-}
-
-/// The DER of the first `CERTIFICATE` block of a PEM text.
-fn pem_to_cert_der(pem: &[u8]) -> Option<Vec<u8>> {
-    Pem::iter_from_buffer(pem)
-        .filter_map(Result::ok)
-        .find(|p| p.label == "CERTIFICATE")
-        .map(|p| p.contents)
-}
-
 fn create_private_dir(dir: &Path) -> Result<(), PkiError> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
@@ -504,5 +282,4 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
 }
 
 #[cfg(test)]
-#[path = "pki_tests.rs"]
 mod tests;

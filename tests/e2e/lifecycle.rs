@@ -1,0 +1,204 @@
+//! Process lifecycle: graceful shutdown on SIGTERM and on SIGINT with requests in flight, and
+//! restarts that keep keys and blobs usable (metadata in SQLite or PostgreSQL, key objects in
+//! the HSM token).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kms_proto::kms::v1 as pb;
+use kms_tests::{wire_ctx, KmsServer, ServerOptions};
+use tonic::Code;
+
+/// The configured `shutdown_grace_secs` of test servers.
+const GRACE: Duration = Duration::from_secs(5);
+const WORKERS: usize = 50;
+
+/// One GenerateDataKey call as a worker saw it.
+#[derive(Debug)]
+struct Call {
+    started: Instant,
+    finished: Instant,
+    outcome: Result<(), (Code, String)>,
+}
+
+async fn graceful_shutdown(sig: &str) {
+    let mut server = KmsServer::start(ServerOptions::default()).await.unwrap();
+    let mut admin = server.raw("app").await.unwrap();
+    let key = admin.create_key(pb::CreateKeyRequest::default()).await.unwrap().into_inner().key.unwrap().key_id;
+
+    // 50 workers on 5 connections keep GenerateDataKey calls in flight until a call they
+    // started after the signal has been answered.
+    let signal_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let mut workers = Vec::new();
+    for _ in 0..5 {
+        let raw = server.raw("app").await.unwrap();
+        for _ in 0..WORKERS / 5 {
+            let (mut raw, key, signal_at) = (raw.clone(), key.clone(), signal_at.clone());
+            workers.push(tokio::spawn(async move {
+                let mut calls = Vec::new();
+                loop {
+                    let started = Instant::now();
+                    let req = pb::GenerateDataKeyRequest { key: key.clone(), encryption_context: wire_ctx(&[("c", "1")]) };
+                    let outcome = match raw.generate_data_key(req).await {
+                        Ok(r) => {
+                            assert_eq!(r.into_inner().plaintext.len(), 32);
+                            Ok(())
+                        }
+                        Err(s) => Err((s.code(), s.message().to_string())),
+                    };
+                    let failed = outcome.is_err();
+                    calls.push(Call { started, finished: Instant::now(), outcome });
+                    let after_signal = signal_at.lock().unwrap().is_some_and(|at| started > at);
+                    if failed || after_signal {
+                        return calls;
+                    }
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let sent = Instant::now();
+    *signal_at.lock().unwrap() = Some(sent);
+    let status = tokio::task::block_in_place(|| server.signal_and_wait(sig, GRACE + Duration::from_secs(5))).unwrap();
+    let took = sent.elapsed();
+    assert!(status.success(), "SIG{sig}: exit status {status}\n{}", server.log());
+    assert!(took < GRACE, "SIG{sig}: took {took:?}, the grace period is {GRACE:?}");
+
+    let mut calls = Vec::new();
+    for w in workers {
+        calls.extend(tokio::time::timeout(Duration::from_secs(30), w).await.unwrap().unwrap());
+    }
+    let mut codes: BTreeMap<String, usize> = BTreeMap::new();
+    for c in &calls {
+        let k = match &c.outcome {
+            Ok(()) => "OK".to_string(),
+            Err((code, msg)) => format!("{code:?}: {msg}"),
+        };
+        *codes.entry(k).or_default() += 1;
+    }
+    // Every answer is OK or a clean UNAVAILABLE (connection gone: safe to retry elsewhere);
+    // never CANCELLED, INTERNAL or an unknown h2 error.
+    for c in &calls {
+        if let Err((code, msg)) = &c.outcome {
+            assert_eq!(*code, Code::Unavailable, "SIG{sig}: {msg}; all outcomes: {codes:#?}");
+        }
+    }
+    let ok = calls.iter().filter(|c| c.outcome.is_ok()).count();
+    // In flight at the signal: started before it, answered after it.
+    let in_flight: Vec<&Call> = calls.iter().filter(|c| c.started < sent && c.finished > sent).collect();
+    let in_flight_ok = in_flight.iter().filter(|c| c.outcome.is_ok()).count();
+    eprintln!("SIG{sig}: {} calls, exit after {took:?}, in flight at the signal {} ({in_flight_ok} OK): {codes:?}", calls.len(), in_flight.len());
+    assert!(ok >= WORKERS, "SIG{sig}: only {ok} calls succeeded: {codes:#?}");
+    assert!(in_flight_ok > 0, "SIG{sig}: no call in flight at the signal completed: {codes:#?}");
+
+    let log = server.log();
+    let received = if sig == "TERM" { "SIGTERM received" } else { "SIGINT received" };
+    assert!(log.contains(received), "{log}");
+    assert!(log.contains("kms-server stopped"), "{log}");
+    assert!(!log.contains("did not finish within the grace period"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    // The port is closed.
+    assert!(tokio::net::TcpStream::connect(server.addr).await.is_err(), "still listening after exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_shuts_down_gracefully_with_requests_in_flight() {
+    graceful_shutdown("TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_shuts_down_gracefully_with_requests_in_flight() {
+    graceful_shutdown("INT").await;
+}
+
+/// Keys, states and blobs made before a restart are all still there after it.
+async fn survives_restart(server: &mut KmsServer) {
+    let mut kms = server.raw("app").await.unwrap();
+    let c = || wire_ctx(&[("site", "a"), ("note", "42")]);
+    let create = |alias: &str| pb::CreateKeyRequest { alias: alias.into(), description: "kept".into() };
+    let key = kms.create_key(create("persist")).await.unwrap().into_inner().key.unwrap();
+    let off = kms.create_key(create("persist-off")).await.unwrap().into_inner().key.unwrap();
+    kms.disable_key(pb::DisableKeyRequest { key: off.key_id.clone() }).await.unwrap();
+    let dk = kms
+        .generate_data_key(pb::GenerateDataKeyRequest { key: "persist".into(), encryption_context: c() })
+        .await
+        .unwrap()
+        .into_inner();
+    let ct = kms
+        .encrypt(pb::EncryptRequest { key: key.key_id.clone(), plaintext: b"kept across restarts".to_vec(), encryption_context: c() })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let old_port = server.addr.port();
+    server.restart().await.unwrap();
+    assert_eq!(server.addr.port(), old_port);
+    let mut kms = server.raw("app").await.unwrap();
+
+    let dec = |blob: &[u8]| pb::DecryptRequest { ciphertext_blob: blob.to_vec(), encryption_context: c(), audit: None };
+    let back = kms.decrypt(dec(&dk.ciphertext_blob)).await.unwrap().into_inner();
+    assert_eq!(back.plaintext, dk.plaintext);
+    assert_eq!(back.key_id, key.key_id);
+    assert_eq!(kms.decrypt(dec(&ct.ciphertext_blob)).await.unwrap().into_inner().plaintext, b"kept across restarts");
+
+    let described = kms.describe_key(pb::DescribeKeyRequest { key: "persist".into() }).await.unwrap().into_inner();
+    let described = described.key.unwrap();
+    assert_eq!((described.key_id.as_str(), described.description.as_str()), (key.key_id.as_str(), "kept"));
+    assert_eq!(described.created_at_unix_ms, key.created_at_unix_ms);
+    let off_now = kms.describe_key(pb::DescribeKeyRequest { key: "persist-off".into() }).await.unwrap().into_inner();
+    assert_eq!(off_now.key.unwrap().state, pb::KeyState::Disabled as i32, "the disabled state was lost");
+    let refused = kms
+        .generate_data_key(pb::GenerateDataKeyRequest { key: "persist-off".into(), encryption_context: c() })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+
+    // The HSM object still works for new blobs, and the alias is still taken.
+    let fresh = kms
+        .generate_data_key(pb::GenerateDataKeyRequest { key: "persist".into(), encryption_context: c() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kms.decrypt(dec(&fresh.ciphertext_blob)).await.unwrap().into_inner().plaintext, fresh.plaintext);
+    let dup = kms.create_key(create("persist")).await.unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    let listed = kms.list_keys(pb::ListKeysRequest::default()).await.unwrap().into_inner().keys;
+    assert_eq!(listed.len(), 2);
+    assert!(server.log().contains("SIGTERM received") && !server.log().contains("panicked"), "{}", server.log());
+}
+
+#[tokio::test]
+async fn restart_keeps_keys_and_blobs_sqlite() {
+    let mut server = KmsServer::start(ServerOptions::default()).await.unwrap();
+    survives_restart(&mut server).await;
+    assert!(server.dir.path().join("kms.db").exists());
+}
+
+#[tokio::test]
+async fn restart_keeps_keys_and_blobs_postgres() {
+    let (url, name) = kms_tests::pg::create_database().await.unwrap();
+    // Run the body as a task so that the database is dropped even when an assertion fails.
+    let body = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let mut server = KmsServer::start(ServerOptions { database_url: Some(url.clone()), ..Default::default() })
+                .await
+                .unwrap();
+            survives_restart(&mut server).await;
+            assert!(!server.dir.path().join("kms.db").exists(), "a SQLite file was created");
+            // The metadata really is in PostgreSQL.
+            use sqlx::Connection;
+            let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM keys").fetch_one(&mut conn).await.unwrap();
+            assert_eq!(n, 2);
+            conn.close().await.unwrap();
+        }
+    })
+    .await;
+    kms_tests::pg::drop_database(&name).await;
+    if let Err(e) = body {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
