@@ -15,7 +15,9 @@ DEV_DIR       := .dev
 SOFTHSM_DIR   := $(DEV_DIR)/softhsm
 SOFTHSM_LABEL := kms-dev
 PKI_DIR       := $(DEV_DIR)/pki
-SERVER_CONFIG ?= config/kms-server.dev.toml
+KMSCTL        ?= target/release/kmsctl
+KMS_SERVER    ?= target/release/kms-server
+SERVER_CONFIG ?= config/kms-server.example.toml
 
 .PHONY: help deps build dev-env dev-softhsm dev-pki demo test lint bench run-server clean-dev
 # Steps depend on each other's side effects (packages, binaries); cargo parallelises itself.
@@ -43,18 +45,10 @@ dev-env: dev-softhsm dev-pki
 dev-softhsm:
 	softhsm-setup/init-token.sh --dir $(SOFTHSM_DIR) --label $(SOFTHSM_LABEL)
 
-# kmsctl may refuse to overwrite an existing PKI: run it once, remember success.
+# `kmsctl pki init` keeps existing files and only adds what is missing.
 dev-pki: build
-	@if [[ -f $(PKI_DIR)/.initialized ]]; then \
-	    echo "dev PKI already in $(PKI_DIR) (make clean-dev to redo)"; \
-	else \
-	    set -x; \
-	    target/release/kmsctl pki init --dir $(PKI_DIR) --server-name localhost \
-	        --client admin --client notes-store --client app; \
-	    { set +x; } 2>/dev/null; \
-	    [[ -d $(PKI_DIR) ]] || { echo "kmsctl pki init did not create $(PKI_DIR)" >&2; exit 1; }; \
-	    touch $(PKI_DIR)/.initialized; \
-	fi
+	$(KMSCTL) pki init --dir $(PKI_DIR) --server-name localhost \
+	    --client admin --client notes-store --client app
 
 demo: deps build dev-env
 	scripts/demo.sh
@@ -74,7 +68,7 @@ bench: deps
 run-server: build dev-env
 	SOFTHSM2_CONF=$(CURDIR)/$(SOFTHSM_DIR)/softhsm2.conf \
 	    KMS_PKCS11_PIN_FILE=$(CURDIR)/$(SOFTHSM_DIR)/user.pin \
-	    target/release/kms-server --config $(SERVER_CONFIG)
+	    $(KMS_SERVER) --config $(SERVER_CONFIG)
 
 clean-dev:
 	rm -rf $(DEV_DIR)

@@ -1,4 +1,97 @@
 #!/usr/bin/env bash
-# Placeholder: the real demo script is written separately.
-echo "scripts/demo.sh: not yet" >&2
-exit 1
+# End-to-end demo on the dev environment that `make demo` prepared (.dev/softhsm, .dev/pki):
+# starts kms-server (release build) on 127.0.0.1, creates a key, generates a data key,
+# decrypts it, shows that a tampered blob, a wrong encryption context and a disabled key are
+# refused, then stops the server with SIGTERM. Exits non-zero if any step does not behave.
+set -euo pipefail
+
+root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)
+cd "$root"
+dev="$root/.dev"
+bin="$root/target/release"
+log="$dev/kms-server.demo.log"
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+ok() { printf '   ok: %s\n' "$*"; }
+fail() { printf '   FAILED: %s\n' "$*" >&2; exit 1; }
+
+[[ -x "$bin/kms-server" && -x "$bin/kmsctl" ]] || fail "release binaries missing: run make build"
+[[ -f "$dev/softhsm/softhsm2.conf" && -f "$dev/pki/ca.pem" ]] || fail "dev environment missing: run make dev-env"
+
+export SOFTHSM2_CONF="$dev/softhsm/softhsm2.conf"
+export KMS_PKCS11_PIN_FILE="$dev/softhsm/user.pin"
+export KMS_PKCS11_TOKEN_LABEL=kms-dev
+export KMS_DATABASE_URL="sqlite:$dev/kms.db"
+export KMS_LISTEN=127.0.0.1:0          # any free port; the server prints the one it got
+export KMS_METRICS_LISTEN=""
+export KMS_TLS_CERT="$dev/pki/server.pem" KMS_TLS_KEY="$dev/pki/server.key" KMS_TLS_CLIENT_CA="$dev/pki/ca.pem"
+
+step "Start kms-server (SoftHSM token 'kms-dev', mutual TLS, SQLite metadata)"
+ready="$dev/kms-server.demo.ready"
+rm -f "$ready"
+"$bin/kms-server" --config config/kms-server.example.toml >"$ready" 2>"$log" &
+server_pid=$!
+cleanup() { kill "$server_pid" 2>/dev/null || true; }
+trap cleanup EXIT
+for _ in $(seq 1 100); do
+    grep -q '^KMS_READY' "$ready" 2>/dev/null && break
+    kill -0 "$server_pid" 2>/dev/null || { cat "$log" >&2; fail "kms-server exited"; }
+    sleep 0.1
+done
+addr=$(sed -n 's/^KMS_READY listen=//p' "$ready")
+[[ -n "$addr" ]] || fail "kms-server did not become ready (see $log)"
+ok "listening on $addr (pid $server_pid)"
+
+export KMSCTL_ENDPOINT="https://localhost:${addr##*:}"
+export KMSCTL_CA="$dev/pki/ca.pem" KMSCTL_CERT="$dev/pki/app.pem" KMSCTL_KEY="$dev/pki/app.key"
+kmsctl() { "$bin/kmsctl" "$@"; }
+# Runs a command that must fail with the given gRPC code.
+expect_refused() {
+    local code=$1; shift
+    local out
+    if out=$("$@" 2>&1); then fail "accepted: $*"; fi
+    [[ "$out" == *"$code"* ]] || fail "wanted $code, got: $out"
+    ok "refused with $code: ${out#error: }"
+}
+
+step "Create a master key inside the HSM"
+alias="demo/notes-$(date +%s)"
+key_json=$(kmsctl --json key create --alias "$alias" --description "demo key for session notes")
+key_id=$(jq -r .key_id <<<"$key_json")
+kmsctl key describe "$alias"
+
+step "Generate a data key bound to an encryption context (site, client, note ids)"
+ctx=(--context site=site-a --context client=c-1001 --context note=n-42)
+dk=$(kmsctl --json datakey generate "$alias" "${ctx[@]}")
+blob=$(jq -r .ciphertext_blob <<<"$dk")
+plain=$(jq -r .plaintext <<<"$dk")
+ok "wrapped data key: ${#blob} base64 chars, key $key_id v$(jq -r .key_version <<<"$dk")"
+
+step "Decrypt it (the blob names its key; the context must match)"
+back=$(kmsctl --json decrypt --blob "$blob" "${ctx[@]}" --acting-user dr-lee --purpose TREATMENT)
+[[ $(jq -r .plaintext <<<"$back") == "$plain" ]] || fail "decrypted data key differs"
+ok "same 32-byte data key returned"
+
+step "A tampered blob is refused"
+# Change one base64 character in the ciphertext part (character 60 of 116).
+c=${blob:60:1}; [[ $c == A ]] && r=B || r=A
+tampered="${blob:0:60}${r}${blob:61}"
+expect_refused INVALID_ARGUMENT kmsctl decrypt --blob "$tampered" "${ctx[@]}"
+
+step "A wrong encryption context is refused (the blob cannot move to another note)"
+expect_refused INVALID_ARGUMENT kmsctl decrypt --blob "$blob" --context site=site-a --context client=c-1001 --context note=n-43
+
+step "A disabled key refuses every use; enabling it restores service"
+kmsctl key disable "$alias" >/dev/null
+expect_refused FAILED_PRECONDITION kmsctl decrypt --blob "$blob" "${ctx[@]}"
+kmsctl key enable "$alias" >/dev/null
+kmsctl --json decrypt --blob "$blob" "${ctx[@]}" >/dev/null && ok "decrypts again after enable"
+
+step "Stop kms-server with SIGTERM (graceful)"
+kill -TERM "$server_pid"
+wait "$server_pid" && ok "exited cleanly" || fail "kms-server exit status $?"
+trap - EXIT
+
+if grep -qF "$plain" "$log"; then fail "the data key appears in the server log"; fi
+ok "server log ($log) holds no data key"
+printf '\n\033[1mDemo finished: all steps behaved as expected.\033[0m\n'

@@ -18,6 +18,7 @@ PACKAGES=(
     libtss2-tcti-swtpm0  # TCTI "swtpm:host=..,port=.."
     pkg-config           # tss-esapi-sys finds libtss2 through pkg-config
     protobuf-compiler    # protoc, for tonic-prost-build
+    jq                   # JSON in scripts/demo.sh
     postgresql           # server binaries for scripts/with-postgres.sh's throwaway cluster
     clang                # bindgen (tss-esapi-sys)
     libclang-dev         # bindgen (tss-esapi-sys)

@@ -10,13 +10,13 @@
 #
 # Environment:
 #   SOFTHSM2_CONF          default .dev/softhsm/softhsm2.conf if that file exists
-#   PKCS11_MODULE          default /usr/lib/softhsm/libsofthsm2.so
+#   PKCS11_MODULE          else $KMS_PKCS11_MODULE, else /usr/lib/softhsm/libsofthsm2.so
 #   KMS_PKCS11_PIN         user PIN, or
 #   KMS_PKCS11_PIN_FILE    file holding it; default <dir of SOFTHSM2_CONF>/user.pin
 # The PIN reaches pkcs11-tool through its environment (--pin env:NAME), never argv.
 set -euo pipefail
 
-PKCS11_MODULE=${PKCS11_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
+PKCS11_MODULE=${PKCS11_MODULE:-${KMS_PKCS11_MODULE:-/usr/lib/softhsm/libsofthsm2.so}}
 
 die() { echo "check-key: $*" >&2; exit 2; }
 

@@ -13,13 +13,13 @@
 # If none of them gives a PIN, a random one is generated into <dir>/user.pin or
 # <dir>/so.pin (mode 0600). PINs are never printed.
 #
-# Module: $PKCS11_MODULE (default /usr/lib/softhsm/libsofthsm2.so).
+# Module: $PKCS11_MODULE, else $KMS_PKCS11_MODULE, else /usr/lib/softhsm/libsofthsm2.so.
 # On success stdout carries only `export ...` lines and `#` comments, so
 #   eval "$(softhsm-setup/init-token.sh --dir .dev/softhsm --label kms-dev)"
 # works. Progress goes to stderr.
 set -euo pipefail
 
-PKCS11_MODULE=${PKCS11_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
+PKCS11_MODULE=${PKCS11_MODULE:-${KMS_PKCS11_MODULE:-/usr/lib/softhsm/libsofthsm2.so}}
 
 log() { echo "init-token: $*" >&2; }
 die() { log "error: $*"; exit 1; }

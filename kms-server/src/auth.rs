@@ -20,16 +20,29 @@ pub struct Identity {
 /// Derives the identity from a DER certificate.
 pub fn identity_from_der(der: &[u8]) -> Option<Identity> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let uri = cert.subject_alternative_name().ok().flatten().and_then(|san| {
-        san.value.general_names.iter().find_map(|n| match n {
-            GeneralName::URI(u) => Some(u.to_string()),
-            _ => None,
-        })
-    });
-    let cn = || cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
+    let uri = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|n| match n {
+                GeneralName::URI(u) => Some(u.to_string()),
+                _ => None,
+            })
+        });
+    let cn = || {
+        cert.subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string)
+    };
     let name = uri.or_else(cn)?;
     let key_fingerprint = hex::encode(Sha256::digest(cert.public_key().raw));
-    Some(Identity { name, key_fingerprint })
+    Some(Identity {
+        name,
+        key_fingerprint,
+    })
 }
 
 /// The identity of the caller of a request, if it presented a parsable certificate.
@@ -40,5 +53,7 @@ pub fn peer_identity<T>(req: &Request<T>) -> Option<Identity> {
 
 /// A short printable name for logs.
 pub fn peer_name<T>(req: &Request<T>) -> String {
-    peer_identity(req).map(|i| i.name).unwrap_or_else(|| "<unauthenticated>".to_string())
+    peer_identity(req)
+        .map(|i| i.name)
+        .unwrap_or_else(|| "<unauthenticated>".to_string())
 }

@@ -90,7 +90,10 @@ pub struct LogSection {
 
 impl Default for LogSection {
     fn default() -> Self {
-        LogSection { format: default_log_format(), level: default_log_level() }
+        LogSection {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
     }
 }
 
@@ -105,7 +108,9 @@ pub struct CacheSection {
 
 impl Default for CacheSection {
     fn default() -> Self {
-        CacheSection { key_ttl_ms: default_key_ttl() }
+        CacheSection {
+            key_ttl_ms: default_key_ttl(),
+        }
     }
 }
 
@@ -137,8 +142,10 @@ fn default_key_ttl() -> u64 {
 impl Config {
     /// Reads the file, applies `KMS_*` environment overrides and checks the result.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let mut cfg: Config = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut cfg: Config =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         cfg.apply_env(|k| std::env::var(k).ok())?;
         cfg.validate()?;
         Ok(cfg)
@@ -149,7 +156,11 @@ impl Config {
             self.server.listen = v.parse().context("KMS_LISTEN")?;
         }
         if let Some(v) = get("KMS_METRICS_LISTEN") {
-            self.server.metrics_listen = if v.is_empty() { None } else { Some(v.parse().context("KMS_METRICS_LISTEN")?) };
+            self.server.metrics_listen = if v.is_empty() {
+                None
+            } else {
+                Some(v.parse().context("KMS_METRICS_LISTEN")?)
+            };
         }
         if let Some(v) = get("KMS_NODE_ID") {
             self.server.node_id = v;
@@ -220,7 +231,8 @@ impl Pkcs11Section {
             bail!("no HSM PIN: set KMS_PKCS11_PIN or backend.pin_file");
         };
         let text = zeroize::Zeroizing::new(
-            std::fs::read_to_string(file).with_context(|| format!("reading PIN file {}", file.display()))?,
+            std::fs::read_to_string(file)
+                .with_context(|| format!("reading PIN file {}", file.display()))?,
         );
         let pin = text.lines().next().unwrap_or("").trim();
         if pin.is_empty() {

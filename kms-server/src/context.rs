@@ -38,7 +38,9 @@ impl EncryptionContext {
                 )));
             }
             if k.chars().any(char::is_control) || v.chars().any(char::is_control) {
-                return Err(KmsError::invalid("encryption_context must not contain control characters"));
+                return Err(KmsError::invalid(
+                    "encryption_context must not contain control characters",
+                ));
             }
             sorted.insert(k.clone(), v.clone());
         }
@@ -53,7 +55,13 @@ impl EncryptionContext {
     /// u32 BE key length, key bytes, u32 BE value length, value bytes. Unambiguous because
     /// every field is length-prefixed.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + self.0.iter().map(|(k, v)| 8 + k.len() + v.len()).sum::<usize>());
+        let mut out = Vec::with_capacity(
+            4 + self
+                .0
+                .iter()
+                .map(|(k, v)| 8 + k.len() + v.len())
+                .sum::<usize>(),
+        );
         out.extend_from_slice(&(self.0.len() as u32).to_be_bytes());
         for (k, v) in &self.0 {
             out.extend_from_slice(&(k.len() as u32).to_be_bytes());
@@ -70,7 +78,10 @@ mod tests {
     use super::*;
 
     fn ctx(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -91,9 +102,13 @@ mod tests {
         assert!(EncryptionContext::from_wire(&ctx(&[(&"k".repeat(129), "x")])).is_err());
         assert!(EncryptionContext::from_wire(&ctx(&[("k", &"v".repeat(257))])).is_err());
         assert!(EncryptionContext::from_wire(&ctx(&[("k", "a\nb")])).is_err());
-        let many: HashMap<String, String> = (0..65).map(|i| (format!("k{i}"), "v".to_string())).collect();
+        let many: HashMap<String, String> = (0..65)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
         assert!(EncryptionContext::from_wire(&many).is_err());
-        let max: HashMap<String, String> = (0..64).map(|i| (format!("k{i}"), "v".repeat(256))).collect();
+        let max: HashMap<String, String> = (0..64)
+            .map(|i| (format!("k{i}"), "v".repeat(256)))
+            .collect();
         assert!(EncryptionContext::from_wire(&max).is_ok());
     }
 }

@@ -63,10 +63,12 @@ impl From<BackendError> for KmsError {
     fn from(err: BackendError) -> Self {
         match err {
             BackendError::DecryptionFailed => KmsError::DecryptionFailed,
-            BackendError::Unavailable(m) => KmsError::Unavailable(format!("key backend unavailable: {m}")),
-            BackendError::KeyNotFound(m) => {
-                KmsError::FailedPrecondition(format!("key material not present in the backend: {m}"))
+            BackendError::Unavailable(m) => {
+                KmsError::Unavailable(format!("key backend unavailable: {m}"))
             }
+            BackendError::KeyNotFound(m) => KmsError::FailedPrecondition(format!(
+                "key material not present in the backend: {m}"
+            )),
             BackendError::InvalidInput(m) => KmsError::InvalidArgument(m),
             BackendError::Internal(m) => KmsError::Internal(format!("backend: {m}")),
         }
@@ -76,7 +78,9 @@ impl From<BackendError> for KmsError {
 impl From<StoreError> for KmsError {
     fn from(err: StoreError) -> Self {
         match err {
-            StoreError::Unavailable(m) => KmsError::Unavailable(format!("metadata store unavailable: {m}")),
+            StoreError::Unavailable(m) => {
+                KmsError::Unavailable(format!("metadata store unavailable: {m}"))
+            }
             StoreError::Conflict(m) => KmsError::AlreadyExists(m),
             StoreError::Internal(m) => KmsError::Internal(format!("store: {m}")),
         }

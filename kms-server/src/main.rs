@@ -7,7 +7,10 @@ use clap::Parser;
 use kms_server::config::Config;
 
 #[derive(Parser)]
-#[command(version, about = "gRPC key management service (PKCS#11 HSM / TPM master keys)")]
+#[command(
+    version,
+    about = "gRPC key management service (PKCS#11 HSM / TPM master keys)"
+)]
 struct Args {
     /// TOML configuration file (see config/kms-server.example.toml).
     #[arg(long, env = "KMS_CONFIG")]
@@ -20,7 +23,8 @@ struct Args {
 fn init_logging(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter)
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if cfg.log.format == "json" {
@@ -55,6 +59,9 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(&cfg);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
     runtime.block_on(kms_server::server::run(cfg, shutdown_signal()))
 }

@@ -13,7 +13,9 @@ pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
         .with_http_listener(listen)
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full("kms_request_duration_seconds".into()),
-            &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
+            &[
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ],
         )?
         .install()?;
     Ok(())

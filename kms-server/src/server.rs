@@ -39,7 +39,10 @@ pub fn build_backend(cfg: &BackendConfig) -> anyhow::Result<Arc<dyn KeyBackend>>
 
 /// Runs the server until `shutdown` completes, then lets in-flight requests finish (bounded
 /// by `shutdown_grace_secs`).
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     // Certificates first: a typo there should fail before the HSM is touched.
     let tls = crate::tls::server_config(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.client_ca)?;
     if let Some(addr) = cfg.server.metrics_listen {
@@ -47,7 +50,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     }
     let backend_cfg = cfg.backend.clone();
     let backend = tokio::task::spawn_blocking(move || build_backend(&backend_cfg)).await??;
-    let store = store::connect(&cfg.database.url).await.context("opening the metadata database")?;
+    let store = store::connect(&cfg.database.url)
+        .await
+        .context("opening the metadata database")?;
     let service = KmsService::new(store.clone(), backend.clone(), cfg.key_cache_ttl());
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -109,7 +114,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
 }
 
 /// Polls the backend and the database; NOT_SERVING while either is unreachable.
-async fn watch_health(reporter: HealthReporter, backend: Arc<dyn KeyBackend>, store: Arc<dyn KeyStore>) {
+async fn watch_health(
+    reporter: HealthReporter,
+    backend: Arc<dyn KeyBackend>,
+    store: Arc<dyn KeyStore>,
+) {
     let mut last: Option<bool> = None;
     loop {
         let b = backend.clone();
@@ -122,7 +131,11 @@ async fn watch_health(reporter: HealthReporter, backend: Arc<dyn KeyBackend>, st
         crate::metrics::record_health(backend_ok, store_ok);
         let ok = backend_ok && store_ok;
         if last != Some(ok) {
-            let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+            let status = if ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
             reporter.set_service_status("", status).await;
             reporter.set_service_status(SERVICE_NAME, status).await;
             if ok {

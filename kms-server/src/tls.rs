@@ -32,7 +32,9 @@ pub fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
 }
 
 fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    let pem = zeroize::Zeroizing::new(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?);
+    let pem = zeroize::Zeroizing::new(
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+    );
     rustls_pemfile::private_key(&mut pem.as_slice())
         .with_context(|| format!("parsing private key in {}", path.display()))?
         .ok_or_else(|| anyhow!("no private key in {}", path.display()))
@@ -67,7 +69,14 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            // Stop listening as soon as the server stops taking connections (shutdown drops
+            // the stream): new clients then get "connection refused" rather than a TLS session
+            // that is dropped unserved, which they would see as an HTTP/2 protocol error.
+            let accepted = tokio::select! {
+                _ = tx.closed() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -82,7 +91,13 @@ pub fn incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                let result = tokio::select! {
+                    // Shutting down: nobody would serve this connection.
+                    _ = tx.closed() => return,
+                    result = handshake => result,
+                };
+                match result {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }

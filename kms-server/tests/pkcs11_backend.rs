@@ -3,6 +3,7 @@
 //! PKCS#11 can be initialised once per process, so this test binary shares one private token
 //! directory (SOFTHSM2_CONF is set before the library loads) and one token; every test uses
 //! its own key objects.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -25,11 +26,16 @@ struct Token {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn module() -> PathBuf {
-    std::env::var("PKCS11_MODULE").map(PathBuf::from).unwrap_or_else(|_| MODULE.into())
+    std::env::var("PKCS11_MODULE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| MODULE.into())
 }
 
 fn token() -> &'static Token {
@@ -55,12 +61,19 @@ fn token() -> &'static Token {
             acquire_timeout: Duration::from_secs(5),
         })
         .unwrap();
-        Token { _dir: dir, conf, backend: Arc::new(backend) }
+        Token {
+            _dir: dir,
+            conf,
+            backend: Arc::new(backend),
+        }
     })
 }
 
 fn new_key() -> Vec<u8> {
-    token().backend.create_key_version(&format!("kms:{}:v1", Uuid::new_v4())).unwrap()
+    token()
+        .backend
+        .create_key_version(&format!("kms:{}:v1", Uuid::new_v4()))
+        .unwrap()
 }
 
 #[test]
@@ -80,22 +93,48 @@ fn pkcs11_tool_sees_a_non_extractable_key() {
     let key = new_key();
     let label = String::from_utf8(key).unwrap();
     let out = Command::new("pkcs11-tool")
-        .args(["--module", module().to_str().unwrap(), "--token-label", LABEL, "--login", "--pin", PIN])
+        .args([
+            "--module",
+            module().to_str().unwrap(),
+            "--token-label",
+            LABEL,
+            "--login",
+            "--pin",
+            PIN,
+        ])
         .args(["--list-objects", "--type", "secrkey", "--label", &label])
         .env("SOFTHSM2_CONF", &token().conf)
         .output()
         .expect("pkcs11-tool (package opensc) must be installed");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "pkcs11-tool failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "pkcs11-tool failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains(&label), "{text}");
     assert!(text.contains("AES length 32"), "{text}");
-    for flag in ["sensitive", "always sensitive", "never extractable", "local"] {
+    for flag in [
+        "sensitive",
+        "always sensitive",
+        "never extractable",
+        "local",
+    ] {
         assert!(text.contains(flag), "missing {flag:?} in: {text}");
     }
     // The key's usage line must not offer wrap/sign.
-    let usage = text.lines().find(|l| l.trim_start().starts_with("Usage:")).unwrap_or("");
-    assert!(usage.contains("encrypt") && usage.contains("decrypt"), "{usage}");
-    assert!(!usage.contains("wrap") && !usage.contains("sign"), "{usage}");
+    let usage = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("Usage:"))
+        .unwrap_or("");
+    assert!(
+        usage.contains("encrypt") && usage.contains("decrypt"),
+        "{usage}"
+    );
+    assert!(
+        !usage.contains("wrap") && !usage.contains("sign"),
+        "{usage}"
+    );
 }
 
 #[test]
@@ -108,21 +147,43 @@ fn seal_open_round_trip_and_authentication() {
     assert_eq!(sealed.iv.len(), 12);
     assert_eq!(sealed.ciphertext.len(), 48);
     assert_ne!(&sealed.ciphertext[..32], &dk[..]);
-    assert_eq!(&b.open(&key, &sealed.iv, b"aad-1", &sealed.ciphertext).unwrap()[..], &dk[..]);
+    assert_eq!(
+        &b.open(&key, &sealed.iv, b"aad-1", &sealed.ciphertext)
+            .unwrap()[..],
+        &dk[..]
+    );
 
     let fail = |r: Result<_, BackendError>| matches!(r, Err(BackendError::DecryptionFailed));
-    assert!(fail(b.open(&key, &sealed.iv, b"aad-2", &sealed.ciphertext)), "wrong AAD accepted");
-    assert!(fail(b.open(&other_key, &sealed.iv, b"aad-1", &sealed.ciphertext)), "wrong key accepted");
+    assert!(
+        fail(b.open(&key, &sealed.iv, b"aad-2", &sealed.ciphertext)),
+        "wrong AAD accepted"
+    );
+    assert!(
+        fail(b.open(&other_key, &sealed.iv, b"aad-1", &sealed.ciphertext)),
+        "wrong key accepted"
+    );
     let mut iv = sealed.iv.clone();
     iv[0] ^= 1;
-    assert!(fail(b.open(&key, &iv, b"aad-1", &sealed.ciphertext)), "wrong IV accepted");
+    assert!(
+        fail(b.open(&key, &iv, b"aad-1", &sealed.ciphertext)),
+        "wrong IV accepted"
+    );
     for i in [0, 31, 32, 47] {
         let mut ct = sealed.ciphertext.clone();
         ct[i] ^= 0x80;
-        assert!(fail(b.open(&key, &sealed.iv, b"aad-1", &ct)), "flipped byte {i} accepted");
+        assert!(
+            fail(b.open(&key, &sealed.iv, b"aad-1", &ct)),
+            "flipped byte {i} accepted"
+        );
     }
-    assert!(fail(b.open(&key, &sealed.iv, b"aad-1", &sealed.ciphertext[..47])), "truncated tag accepted");
-    assert!(matches!(b.open(&key, &[0u8; 16], b"aad-1", &sealed.ciphertext), Err(BackendError::InvalidInput(_))));
+    assert!(
+        fail(b.open(&key, &sealed.iv, b"aad-1", &sealed.ciphertext[..47])),
+        "truncated tag accepted"
+    );
+    assert!(matches!(
+        b.open(&key, &[0u8; 16], b"aad-1", &sealed.ciphertext),
+        Err(BackendError::InvalidInput(_))
+    ));
 }
 
 #[test]
@@ -167,7 +228,10 @@ fn concurrent_use_from_many_threads() {
                 for i in 0..200 {
                     let aad = format!("{t}-{i}");
                     let s = b.seal(&key, aad.as_bytes(), b"payload").unwrap();
-                    assert_eq!(&b.open(&key, &s.iv, aad.as_bytes(), &s.ciphertext).unwrap()[..], b"payload");
+                    assert_eq!(
+                        &b.open(&key, &s.iv, aad.as_bytes(), &s.ciphertext).unwrap()[..],
+                        b"payload"
+                    );
                 }
             })
         })
@@ -177,5 +241,8 @@ fn concurrent_use_from_many_threads() {
     }
     // Other tests share this backend, so only the bound is checked here.
     let (in_use, _waiting, idle) = b.session_usage();
-    assert!(in_use + idle <= 2, "pool grew beyond max_sessions: {in_use} in use, {idle} idle");
+    assert!(
+        in_use + idle <= 2,
+        "pool grew beyond max_sessions: {in_use} in use, {idle} idle"
+    );
 }

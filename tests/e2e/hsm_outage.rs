@@ -11,9 +11,14 @@ use tonic_health::pb::HealthCheckRequest;
 
 async fn health(server: &KmsServer) -> ServingStatus {
     let (cert, key) = server.cert_paths("app");
-    let channel = server.channel_with(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()).await.unwrap();
+    let channel = server
+        .channel_with(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap())
+        .await
+        .unwrap();
     let r = HealthClient::new(channel)
-        .check(HealthCheckRequest { service: "kms.v1.KeyManagementService".into() })
+        .check(HealthCheckRequest {
+            service: "kms.v1.KeyManagementService".into(),
+        })
         .await
         .unwrap();
     ServingStatus::try_from(r.into_inner().status).unwrap()
@@ -26,7 +31,11 @@ async fn wait_for_health(server: &KmsServer, want: ServingStatus) {
         if got == want {
             return;
         }
-        assert!(Instant::now() < deadline, "health stayed {got:?}, wanted {want:?}; log:\n{}", server.log());
+        assert!(
+            Instant::now() < deadline,
+            "health stayed {got:?}, wanted {want:?}; log:\n{}",
+            server.log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -49,23 +58,30 @@ async fn token_removed_and_restored() {
     let started = Instant::now();
     let mut saw_unavailable = false;
     for _ in 0..5 {
-        match kms.generate_data_key("outage", &c).await {
-            Err(e) => {
-                assert_eq!(e.code(), Some(Code::Unavailable), "{e}");
-                saw_unavailable = true;
-            }
-            Ok(_) => {}
+        if let Err(e) = kms.generate_data_key("outage", &c).await {
+            assert_eq!(e.code(), Some(Code::Unavailable), "{e}");
+            saw_unavailable = true;
         }
         match kms.decrypt(&dk.ciphertext_blob, &c, None).await {
             Err(e) => {
                 assert_eq!(e.code(), Some(Code::Unavailable), "{e}");
                 saw_unavailable = true;
             }
-            Ok(d) => assert_eq!(&d.plaintext[..], &dk.plaintext[..], "wrong plaintext while the HSM is away"),
+            Ok(d) => assert_eq!(
+                &d.plaintext[..],
+                &dk.plaintext[..],
+                "wrong plaintext while the HSM is away"
+            ),
         }
     }
-    assert!(saw_unavailable, "requests kept succeeding with the token removed");
-    assert!(started.elapsed() < Duration::from_secs(20), "requests hung while the HSM was away");
+    assert!(
+        saw_unavailable,
+        "requests kept succeeding with the token removed"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "requests hung while the HSM was away"
+    );
     wait_for_health(&server, ServingStatus::NotServing).await;
 
     // Put it back: the server recovers on its own.
@@ -75,6 +91,13 @@ async fn token_removed_and_restored() {
     let back = kms.decrypt(&dk.ciphertext_blob, &c, None).await.unwrap();
     assert_eq!(&back.plaintext[..], &dk.plaintext[..]);
     let fresh = kms.generate_data_key(&key.key_id, &c).await.unwrap();
-    assert_eq!(kms.decrypt(&fresh.ciphertext_blob, &c, None).await.unwrap().plaintext.len(), 32);
+    assert_eq!(
+        kms.decrypt(&fresh.ciphertext_blob, &c, None)
+            .await
+            .unwrap()
+            .plaintext
+            .len(),
+        32
+    );
     assert!(!server.log().contains("panicked"));
 }

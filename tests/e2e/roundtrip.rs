@@ -8,18 +8,27 @@ use tonic::Code;
 async fn data_key_round_trip_and_bindings() {
     let server = KmsServer::start(ServerOptions::default()).await.unwrap();
     let kms = server.client("app").unwrap();
-    let key = kms.create_key(Some("notes/site-a"), Some("site A notes")).await.unwrap();
+    let key = kms
+        .create_key(Some("notes/site-a"), Some("site A notes"))
+        .await
+        .unwrap();
     assert_eq!(key.alias.as_deref(), Some("notes/site-a"));
     let other = kms.create_key(None, None).await.unwrap();
 
     let context = ctx(&[("site", "a"), ("client", "c1"), ("note", "n1")]);
-    let dk = kms.generate_data_key("notes/site-a", &context).await.unwrap();
+    let dk = kms
+        .generate_data_key("notes/site-a", &context)
+        .await
+        .unwrap();
     assert_eq!(dk.plaintext.len(), 32);
     assert_eq!(dk.key_id, key.key_id);
     assert_eq!(dk.key_version, 1);
 
     // Decrypt needs no key id: the blob says which key.
-    let back = kms.decrypt(&dk.ciphertext_blob, &context, None).await.unwrap();
+    let back = kms
+        .decrypt(&dk.ciphertext_blob, &context, None)
+        .await
+        .unwrap();
     assert_eq!(&back.plaintext[..], &dk.plaintext[..]);
     assert_eq!(back.key_id, key.key_id);
 
@@ -29,7 +38,10 @@ async fn data_key_round_trip_and_bindings() {
         ctx(&[("site", "a"), ("client", "c1")]),
         ctx(&[("site", "a"), ("client", "c1"), ("note", "n1"), ("x", "y")]),
     ] {
-        let err = kms.decrypt(&dk.ciphertext_blob, &bad, None).await.unwrap_err();
+        let err = kms
+            .decrypt(&dk.ciphertext_blob, &bad, None)
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
     }
 
@@ -63,8 +75,18 @@ async fn data_key_round_trip_and_bindings() {
     assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
 
     // Without plaintext.
-    let only = kms.generate_data_key_without_plaintext(&key.key_id, &context).await.unwrap();
-    assert_eq!(kms.decrypt(&only.ciphertext_blob, &context, None).await.unwrap().plaintext.len(), 32);
+    let only = kms
+        .generate_data_key_without_plaintext(&key.key_id, &context)
+        .await
+        .unwrap();
+    assert_eq!(
+        kms.decrypt(&only.ciphertext_blob, &context, None)
+            .await
+            .unwrap()
+            .plaintext
+            .len(),
+        32
+    );
 }
 
 #[tokio::test]
@@ -77,27 +99,56 @@ async fn encrypt_decrypt_reencrypt_and_disable() {
     let c2 = ctx(&[("client", "2")]);
 
     let ct = kms.encrypt("a", b"session note secret", &c1).await.unwrap();
-    assert_eq!(&kms.decrypt(&ct.ciphertext_blob, &c1, None).await.unwrap().plaintext[..], b"session note secret");
+    assert_eq!(
+        &kms.decrypt(&ct.ciphertext_blob, &c1, None)
+            .await
+            .unwrap()
+            .plaintext[..],
+        b"session note secret"
+    );
 
     // Re-encrypt to another key and context; the old context no longer opens the new blob.
-    let re = kms.re_encrypt(&ct.ciphertext_blob, &c1, Some("b"), Some(&c2), None).await.unwrap();
+    let re = kms
+        .re_encrypt(&ct.ciphertext_blob, &c1, Some("b"), Some(&c2), None)
+        .await
+        .unwrap();
     assert_eq!(re.source_key_id, a.key_id);
     assert_eq!(re.key_id, b.key_id);
-    assert_eq!(&kms.decrypt(&re.ciphertext_blob, &c2, None).await.unwrap().plaintext[..], b"session note secret");
-    assert_eq!(kms.decrypt(&re.ciphertext_blob, &c1, None).await.unwrap_err().code(), Some(Code::InvalidArgument));
+    assert_eq!(
+        &kms.decrypt(&re.ciphertext_blob, &c2, None)
+            .await
+            .unwrap()
+            .plaintext[..],
+        b"session note secret"
+    );
+    assert_eq!(
+        kms.decrypt(&re.ciphertext_blob, &c1, None)
+            .await
+            .unwrap_err()
+            .code(),
+        Some(Code::InvalidArgument)
+    );
 
     // Disabled keys refuse every cryptographic use, with FAILED_PRECONDITION, at once.
     let disabled = kms.disable_key("a").await.unwrap();
     assert_eq!(disabled.state, kms_client::KeyState::Disabled);
     for err in [
-        kms.decrypt(&ct.ciphertext_blob, &c1, None).await.unwrap_err(),
+        kms.decrypt(&ct.ciphertext_blob, &c1, None)
+            .await
+            .unwrap_err(),
         kms.generate_data_key("a", &c1).await.unwrap_err(),
         kms.encrypt("a", b"x", &c1).await.unwrap_err(),
     ] {
         assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
     }
     kms.enable_key(&a.key_id).await.unwrap();
-    assert_eq!(&kms.decrypt(&ct.ciphertext_blob, &c1, None).await.unwrap().plaintext[..], b"session note secret");
+    assert_eq!(
+        &kms.decrypt(&ct.ciphertext_blob, &c1, None)
+            .await
+            .unwrap()
+            .plaintext[..],
+        b"session note secret"
+    );
 
     // Describe and list.
     assert_eq!(kms.describe_key("b").await.unwrap().key_id, b.key_id);

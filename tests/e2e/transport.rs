@@ -25,7 +25,11 @@ fn refusals(server: &KmsServer) -> usize {
 async fn wait_for_refusal(server: &KmsServer, before: usize, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while refusals(server) <= before {
-        assert!(Instant::now() < deadline, "{what}: the server logged no refused TLS handshake:\n{}", server.log());
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the server logged no refused TLS handshake:\n{}",
+            server.log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -46,13 +50,26 @@ async fn assert_refused(
         }
         Ok(c) => c,
     };
-    let list = KeyManagementServiceClient::new(channel.clone()).list_keys(pb::ListKeysRequest::default()).await;
-    assert!(list.is_err(), "{what}: ListKeys answered {:?}", list.map(|r| r.into_inner().keys.len()));
+    let list = KeyManagementServiceClient::new(channel.clone())
+        .list_keys(pb::ListKeysRequest::default())
+        .await;
+    assert!(
+        list.is_err(),
+        "{what}: ListKeys answered {:?}",
+        list.map(|r| r.into_inner().keys.len())
+    );
     let gdk = KeyManagementServiceClient::new(channel.clone())
-        .generate_data_key(pb::GenerateDataKeyRequest { key: "k".into(), encryption_context: wire_ctx(&[]) })
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: "k".into(),
+            encryption_context: wire_ctx(&[]),
+        })
         .await;
     assert!(gdk.is_err(), "{what}: GenerateDataKey answered");
-    let health = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await;
+    let health = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
     assert!(health.is_err(), "{what}: health answered");
     wait_for_refusal(server, before, what).await;
 }
@@ -70,7 +87,12 @@ fn tls_endpoint(server: &KmsServer, tls: ClientTlsConfig) -> tonic::transport::E
 async fn only_clients_with_a_valid_certificate_from_the_ca_get_in() {
     let server = KmsServer::start(ServerOptions::default()).await.unwrap();
     let mut kms = server.raw("app").await.unwrap();
-    kms.create_key(pb::CreateKeyRequest { alias: "k".into(), ..Default::default() }).await.unwrap();
+    kms.create_key(pb::CreateKeyRequest {
+        alias: "k".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let now = OffsetDateTime::now_utc();
     let day = time::Duration::days(1);
     let uri = kms_client::pki::client_uri("app");
@@ -78,28 +100,62 @@ async fn only_clients_with_a_valid_certificate_from_the_ca_get_in() {
     // Control: a fresh certificate issued by the test's own CA works, so the refusals below
     // are about the certificate, not about how the test builds its channels.
     let ca = server.ca().unwrap();
-    let fresh = ca.issue_client_cert("app", Some(&uri), now - day, now + day).unwrap();
-    let channel = server.channel_with(fresh.cert_pem.into_bytes(), fresh.key_pem.as_bytes().to_vec()).await.unwrap();
-    KeyManagementServiceClient::new(channel).list_keys(pb::ListKeysRequest::default()).await.unwrap();
+    let fresh = ca
+        .issue_client_cert("app", Some(&uri), now - day, now + day)
+        .unwrap();
+    let channel = server
+        .channel_with(
+            fresh.cert_pem.into_bytes(),
+            fresh.key_pem.as_bytes().to_vec(),
+        )
+        .await
+        .unwrap();
+    KeyManagementServiceClient::new(channel)
+        .list_keys(pb::ListKeysRequest::default())
+        .await
+        .unwrap();
 
     // No client certificate at all: only the CA, to verify the server.
-    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(server.ca_pem())).domain_name("localhost");
-    assert_refused(&server, tls_endpoint(&server, tls).connect(), "no client certificate").await;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(server.ca_pem()))
+        .domain_name("localhost");
+    assert_refused(
+        &server,
+        tls_endpoint(&server, tls).connect(),
+        "no client certificate",
+    )
+    .await;
 
     // A certificate from another CA, with the same names as a real client.
-    let other = kms_client::pki::CertAuthority::generate("Other CA", now - day, now + 3650 * day).unwrap();
-    let foreign = other.issue_client_cert("app", Some(&uri), now - day, now + day).unwrap();
-    let connect = server.channel_with(foreign.cert_pem.into_bytes(), foreign.key_pem.as_bytes().to_vec());
+    let other =
+        kms_client::pki::CertAuthority::generate("Other CA", now - day, now + 3650 * day).unwrap();
+    let foreign = other
+        .issue_client_cert("app", Some(&uri), now - day, now + day)
+        .unwrap();
+    let connect = server.channel_with(
+        foreign.cert_pem.into_bytes(),
+        foreign.key_pem.as_bytes().to_vec(),
+    );
     assert_refused(&server, connect, "certificate from another CA").await;
 
     // An expired certificate from the right CA.
-    let expired = ca.issue_client_cert("app", Some(&uri), now - 30 * day, now - day).unwrap();
-    let connect = server.channel_with(expired.cert_pem.into_bytes(), expired.key_pem.as_bytes().to_vec());
+    let expired = ca
+        .issue_client_cert("app", Some(&uri), now - 30 * day, now - day)
+        .unwrap();
+    let connect = server.channel_with(
+        expired.cert_pem.into_bytes(),
+        expired.key_pem.as_bytes().to_vec(),
+    );
     assert_refused(&server, connect, "expired certificate").await;
 
     // A certificate from the right CA that is not valid yet.
-    let future = ca.issue_client_cert("app", Some(&uri), now + day, now + 30 * day).unwrap();
-    let connect = server.channel_with(future.cert_pem.into_bytes(), future.key_pem.as_bytes().to_vec());
+    let future = ca
+        .issue_client_cert("app", Some(&uri), now + day, now + 30 * day)
+        .unwrap();
+    let connect = server.channel_with(
+        future.cert_pem.into_bytes(),
+        future.key_pem.as_bytes().to_vec(),
+    );
     assert_refused(&server, connect, "not yet valid certificate").await;
 
     // Plaintext HTTP/2 to the TLS port.
@@ -110,12 +166,18 @@ async fn only_clients_with_a_valid_certificate_from_the_ca_get_in() {
     assert_refused(&server, plain.connect(), "plaintext HTTP/2").await;
 
     // The legitimate client is unaffected.
-    kms.describe_key(pb::DescribeKeyRequest { key: "k".into() }).await.unwrap();
+    kms.describe_key(pb::DescribeKeyRequest { key: "k".into() })
+        .await
+        .unwrap();
     assert!(!server.log().contains("panicked"));
 }
 
 async fn health_of(channel: Channel, service: &str) -> Result<ServingStatus, tonic::Status> {
-    let r = HealthClient::new(channel).check(HealthCheckRequest { service: service.into() }).await?;
+    let r = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await?;
     Ok(ServingStatus::try_from(r.into_inner().status).unwrap())
 }
 
@@ -129,7 +191,10 @@ async fn health_reports_serving() {
         loop {
             match health_of(channel.clone(), service).await {
                 Ok(ServingStatus::Serving) => break,
-                other => assert!(Instant::now() < deadline, "health of {service:?}: {other:?}"),
+                other => assert!(
+                    Instant::now() < deadline,
+                    "health of {service:?}: {other:?}"
+                ),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -146,21 +211,35 @@ macro_rules! reflect {
         use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
         use tonic_reflection::pb::$version::ServerReflectionRequest;
         let requests = vec![
-            ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) },
+            ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            },
             ServerReflectionRequest {
                 host: String::new(),
                 message_request: Some(MessageRequest::FileContainingSymbol(SERVICE.into())),
             },
         ];
         let mut client = ServerReflectionClient::new($channel);
-        let mut answers = client.server_reflection_info(futures::stream::iter(requests)).await.unwrap().into_inner();
+        let mut answers = client
+            .server_reflection_info(futures::stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner();
         let mut services = Vec::new();
         let mut descriptors = Vec::new();
         while let Some(answer) = answers.message().await.unwrap() {
             match answer.message_response {
-                Some(MessageResponse::ListServicesResponse(l)) => services.extend(l.service.into_iter().map(|s| s.name)),
-                Some(MessageResponse::FileDescriptorResponse(f)) => descriptors.extend(f.file_descriptor_proto),
-                other => panic!("{}: unexpected reflection answer {other:?}", stringify!($version)),
+                Some(MessageResponse::ListServicesResponse(l)) => {
+                    services.extend(l.service.into_iter().map(|s| s.name))
+                }
+                Some(MessageResponse::FileDescriptorResponse(f)) => {
+                    descriptors.extend(f.file_descriptor_proto)
+                }
+                other => panic!(
+                    "{}: unexpected reflection answer {other:?}",
+                    stringify!($version)
+                ),
             }
         }
         (services, descriptors)
@@ -174,51 +253,98 @@ async fn reflection_answers_on_v1_and_v1alpha() {
     let v1 = reflect!(v1, channel.clone());
     let v1alpha = reflect!(v1alpha, channel);
     for (version, (services, descriptors)) in [("v1", v1), ("v1alpha", v1alpha)] {
-        assert!(services.iter().any(|s| s == SERVICE), "{version}: {services:?}");
-        assert!(services.iter().any(|s| s == "grpc.health.v1.Health"), "{version}: {services:?}");
-        assert!(!descriptors.is_empty(), "{version}: no file descriptor for {SERVICE}");
-        let has = |needle: &[u8]| descriptors.iter().any(|d| d.windows(needle.len()).any(|w| w == needle));
-        assert!(has(b"KeyManagementService") && has(b"GenerateDataKey"), "{version}: descriptor lacks the service");
+        assert!(
+            services.iter().any(|s| s == SERVICE),
+            "{version}: {services:?}"
+        );
+        assert!(
+            services.iter().any(|s| s == "grpc.health.v1.Health"),
+            "{version}: {services:?}"
+        );
+        assert!(
+            !descriptors.is_empty(),
+            "{version}: no file descriptor for {SERVICE}"
+        );
+        let has = |needle: &[u8]| {
+            descriptors
+                .iter()
+                .any(|d| d.windows(needle.len()).any(|w| w == needle))
+        };
+        assert!(
+            has(b"KeyManagementService") && has(b"GenerateDataKey"),
+            "{version}: descriptor lacks the service"
+        );
     }
 }
 
 /// GET /metrics with a hand-written HTTP/1.0 request (no chunked encoding to undo).
 async fn scrape(addr: std::net::SocketAddr) -> String {
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
     let mut body = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut body)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut body))
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8(body).unwrap();
-    assert!(text.starts_with("HTTP/1.") && text.lines().next().unwrap().contains(" 200"), "{text:.200}");
+    assert!(
+        text.starts_with("HTTP/1.") && text.lines().next().unwrap().contains(" 200"),
+        "{text:.200}"
+    );
     text
 }
 
 /// The value of the sample named `name` whose labels include all of `labels`.
 fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let rest = series.strip_prefix(name)?;
-        let ok = (rest.is_empty() || rest.starts_with('{')) && labels.iter().all(|l| rest.contains(l));
-        if ok {
-            value.parse().ok()
-        } else {
-            None
-        }
-    })
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let rest = series.strip_prefix(name)?;
+            let ok = (rest.is_empty() || rest.starts_with('{'))
+                && labels.iter().all(|l| rest.contains(l));
+            if ok {
+                value.parse().ok()
+            } else {
+                None
+            }
+        })
 }
 
 #[tokio::test]
 async fn metrics_count_requests_and_show_the_session_pool() {
-    let server = KmsServer::start(ServerOptions { metrics: true, ..Default::default() }).await.unwrap();
+    let server = KmsServer::start(ServerOptions {
+        metrics: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let addr = server.metrics_addr.unwrap();
     let mut kms = server.raw("app").await.unwrap();
-    let key = kms.create_key(pb::CreateKeyRequest::default()).await.unwrap().into_inner().key.unwrap().key_id;
+    let key = kms
+        .create_key(pb::CreateKeyRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap()
+        .key_id;
     for _ in 0..3 {
-        kms.generate_data_key(pb::GenerateDataKeyRequest { key: key.clone(), encryption_context: wire_ctx(&[]) })
-            .await
-            .unwrap();
+        kms.generate_data_key(pb::GenerateDataKeyRequest {
+            key: key.clone(),
+            encryption_context: wire_ctx(&[]),
+        })
+        .await
+        .unwrap();
     }
-    let refused = kms.generate_data_key(pb::GenerateDataKeyRequest { key: String::new(), ..Default::default() }).await;
+    let refused = kms
+        .generate_data_key(pb::GenerateDataKeyRequest {
+            key: String::new(),
+            ..Default::default()
+        })
+        .await;
     assert_eq!(refused.unwrap_err().code(), Code::InvalidArgument);
 
     // The pool gauge comes from the health loop, once a second: poll.
@@ -228,15 +354,53 @@ async fn metrics_count_requests_and_show_the_session_pool() {
         if sample(&text, "kms_hsm_sessions_in_use", &[]).is_some() {
             break text;
         }
-        assert!(Instant::now() < deadline, "no kms_hsm_sessions_in_use gauge:\n{text}");
+        assert!(
+            Instant::now() < deadline,
+            "no kms_hsm_sessions_in_use gauge:\n{text}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let gdk = ["rpc=\"GenerateDataKey\""];
-    assert_eq!(sample(&text, "kms_requests_total", &[gdk[0], "code=\"Ok\""]), Some(3.0), "{text}");
-    assert_eq!(sample(&text, "kms_requests_total", &[gdk[0], "code=\"InvalidArgument\""]), Some(1.0), "{text}");
-    assert_eq!(sample(&text, "kms_requests_total", &["rpc=\"CreateKey\"", "code=\"Ok\""]), Some(1.0), "{text}");
-    assert_eq!(sample(&text, "kms_request_duration_seconds_count", &gdk), Some(4.0), "{text}");
-    assert!(sample(&text, "kms_request_duration_seconds_bucket", &[gdk[0], "le=\"+Inf\""]).is_some(), "{text}");
+    assert_eq!(
+        sample(&text, "kms_requests_total", &[gdk[0], "code=\"Ok\""]),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "kms_requests_total",
+            &[gdk[0], "code=\"InvalidArgument\""]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "kms_requests_total",
+            &["rpc=\"CreateKey\"", "code=\"Ok\""]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "kms_request_duration_seconds_count", &gdk),
+        Some(4.0),
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "kms_request_duration_seconds_bucket",
+            &[gdk[0], "le=\"+Inf\""]
+        )
+        .is_some(),
+        "{text}"
+    );
     let in_use = sample(&text, "kms_hsm_sessions_in_use", &[]).unwrap();
-    assert!((0.0..=2.0).contains(&in_use), "sessions in use {in_use} with max_sessions 2");
+    assert!(
+        (0.0..=2.0).contains(&in_use),
+        "sessions in use {in_use} with max_sessions 2"
+    );
 }

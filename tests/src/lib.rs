@@ -25,7 +25,10 @@ pub const PIN: &str = "harness-user-pin-8472";
 const SO_PIN: &str = "harness-so-pin-8472";
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Path of a workspace binary: `$KMS_<NAME>_BIN`, else target/debug, else target/release.
@@ -34,7 +37,9 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     if let Ok(p) = std::env::var(&var) {
         return Ok(PathBuf::from(p));
     }
-    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| repo_root().join("target"));
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("target"));
     for profile in ["debug", "release"] {
         let p = target.join(profile).join(name);
         if p.exists() {
@@ -57,7 +62,13 @@ pub struct ServerOptions {
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        ServerOptions { database_url: None, metrics: false, key_cache_ttl_ms: 2000, max_sessions: 2, log_json: false }
+        ServerOptions {
+            database_url: None,
+            metrics: false,
+            key_cache_ttl_ms: 2000,
+            max_sessions: 2,
+            log_json: false,
+        }
     }
 }
 
@@ -78,7 +89,9 @@ pub struct KmsServer {
 
 /// A port that was free a moment ago.
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl KmsServer {
@@ -92,8 +105,15 @@ impl KmsServer {
         let clients: Vec<String> = CLIENTS.iter().map(|s| s.to_string()).collect();
         kms_client::pki::init_dev_pki(&pki_dir, &["localhost".to_string()], &clients)
             .map_err(|e| anyhow!("dev PKI: {e}"))?;
-        let database_url = options.database_url.clone().unwrap_or_else(|| format!("sqlite:{}", root.join("kms.db").display()));
-        let metrics_addr = if options.metrics { Some(SocketAddr::from(([127, 0, 0, 1], free_port()?))) } else { None };
+        let database_url = options
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite:{}", root.join("kms.db").display()));
+        let metrics_addr = if options.metrics {
+            Some(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
+        } else {
+            None
+        };
         let config_path = root.join("kms-server.toml");
         let mut server = KmsServer {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -163,7 +183,10 @@ key_ttl_ms = {ttl}
 
     /// Starts the process and waits for its `KMS_READY` line.
     async fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
         let mut child = Command::new(binary("kms-server")?)
             .arg("--config")
             .arg(&self.config_path)
@@ -184,7 +207,8 @@ key_ttl_ms = {ttl}
             }
         });
         self.child = Some(child);
-        let addr = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30))).await?;
+        let addr =
+            tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30))).await?;
         match addr {
             Ok(a) => {
                 self.addr = a.parse()?;
@@ -203,9 +227,19 @@ key_ttl_ms = {ttl}
     }
 
     /// Sends a signal ("TERM", "INT", "KILL") and waits for the exit status.
-    pub fn signal_and_wait(&mut self, sig: &str, timeout: Duration) -> Result<std::process::ExitStatus> {
-        let mut child = self.child.take().ok_or_else(|| anyhow!("server not running"))?;
-        Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status()?;
+    pub fn signal_and_wait(
+        &mut self,
+        sig: &str,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .ok_or_else(|| anyhow!("server not running"))?;
+        Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(child.id().to_string())
+            .status()?;
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait()? {
@@ -233,26 +267,37 @@ key_ttl_ms = {ttl}
     }
 
     pub fn cert_paths(&self, client: &str) -> (PathBuf, PathBuf) {
-        (self.pki_dir.join(format!("{client}.pem")), self.pki_dir.join(format!("{client}.key")))
+        (
+            self.pki_dir.join(format!("{client}.pem")),
+            self.pki_dir.join(format!("{client}.key")),
+        )
     }
 
     /// The kms-client library, authenticated as `client`.
     pub fn client(&self, client: &str) -> Result<KmsClient> {
         let (cert, key) = self.cert_paths(client);
-        let mut cfg = KmsClientConfig::from_files(vec![self.endpoint()], self.pki_dir.join("ca.pem"), cert, key)?;
+        let mut cfg = KmsClientConfig::from_files(
+            vec![self.endpoint()],
+            self.pki_dir.join("ca.pem"),
+            cert,
+            key,
+        )?;
         cfg.max_retries = 0;
         Ok(KmsClient::new(&cfg)?)
     }
 
     /// A raw tonic channel with the given client identity (PEM cert and key).
-    pub async fn channel_with(&self, cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Result<Channel, tonic::transport::Error> {
+    pub async fn channel_with(
+        &self,
+        cert_pem: Vec<u8>,
+        key_pem: Vec<u8>,
+    ) -> Result<Channel, tonic::transport::Error> {
         let ca = std::fs::read(self.pki_dir.join("ca.pem")).unwrap_or_default();
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(ca))
             .identity(Identity::from_pem(cert_pem, key_pem))
             .domain_name("localhost");
-        Channel::from_shared(self.endpoint())
-            .expect("static URL is valid")
+        tonic::transport::Endpoint::try_from(self.endpoint())?
             .tls_config(tls)?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(10))
@@ -267,23 +312,32 @@ key_ttl_ms = {ttl}
 
     /// The dev CA with its key, to issue further client certificates (expired, other names).
     pub fn ca(&self) -> Result<kms_client::pki::CertAuthority> {
-        kms_client::pki::CertAuthority::load(&self.pki_dir.join("ca.pem"), &self.pki_dir.join("ca.key"))
-            .map_err(|e| anyhow!("loading the dev CA: {e}"))
+        kms_client::pki::CertAuthority::load(
+            &self.pki_dir.join("ca.pem"),
+            &self.pki_dir.join("ca.key"),
+        )
+        .map_err(|e| anyhow!("loading the dev CA: {e}"))
     }
 
     /// A raw tonic channel authenticated as `client` (for health, reflection, ...).
     pub async fn channel(&self, client: &str) -> Result<Channel> {
         let (cert, key) = self.cert_paths(client);
         let key = Zeroizing::new(std::fs::read(key)?);
-        Ok(self.channel_with(std::fs::read(cert)?, key.to_vec()).await?)
+        Ok(self
+            .channel_with(std::fs::read(cert)?, key.to_vec())
+            .await?)
     }
 
     /// A raw generated client authenticated as `client`.
     pub async fn raw(&self, client: &str) -> Result<KeyManagementServiceClient<Channel>> {
         let (cert, key) = self.cert_paths(client);
         let key = Zeroizing::new(std::fs::read(key)?);
-        let channel = self.channel_with(std::fs::read(cert)?, key.to_vec()).await?;
-        Ok(KeyManagementServiceClient::new(channel).max_decoding_message_size(1 << 20).max_encoding_message_size(8 << 20))
+        let channel = self
+            .channel_with(std::fs::read(cert)?, key.to_vec())
+            .await?;
+        Ok(KeyManagementServiceClient::new(channel)
+            .max_decoding_message_size(1 << 20)
+            .max_encoding_message_size(8 << 20))
     }
 }
 
@@ -297,7 +351,9 @@ impl Drop for KmsServer {
 }
 
 pub fn pkcs11_module() -> PathBuf {
-    std::env::var("PKCS11_MODULE").map(PathBuf::from).unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".into())
+    std::env::var("PKCS11_MODULE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".into())
 }
 
 /// Creates a SoftHSM token directory with one token, using the project's setup script.
@@ -314,17 +370,26 @@ pub fn init_token(dir: &Path, label: &str) -> Result<()> {
         .output()
         .context("running softhsm-setup/init-token.sh")?;
     if !out.status.success() {
-        bail!("init-token.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "init-token.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
 
 /// Builds an encryption context from pairs.
 pub fn ctx(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// The same as a wire map.
 pub fn wire_ctx(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }

@@ -87,7 +87,12 @@ pub trait KeyBackend: Send + Sync {
     /// non-secret name (e.g. "kms:<key id>:v<version>"). Returns the reference to store.
     fn create_key_version(&self, name: &str) -> Result<Vec<u8>, BackendError>;
     /// Encrypts `plaintext` under the key version with AAD; fresh random IV.
-    fn seal(&self, backend_ref: &[u8], aad: &[u8], plaintext: &[u8]) -> Result<Sealed, BackendError>;
+    fn seal(
+        &self,
+        backend_ref: &[u8],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Sealed, BackendError>;
     /// Decrypts and authenticates.
     fn open(
         &self,

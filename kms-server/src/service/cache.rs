@@ -36,17 +36,23 @@ impl KeyCache {
 
     pub fn key(&self, id: Uuid) -> Option<KeyRecord> {
         let map = self.keys.lock().ok()?;
-        map.get(&id).filter(|(at, _)| self.fresh(*at)).map(|(_, k)| k.clone())
+        map.get(&id)
+            .filter(|(at, _)| self.fresh(*at))
+            .map(|(_, k)| k.clone())
     }
 
     pub fn alias(&self, alias: &str) -> Option<Uuid> {
         let map = self.aliases.lock().ok()?;
-        map.get(alias).filter(|(at, _)| self.fresh(*at)).map(|(_, id)| *id)
+        map.get(alias)
+            .filter(|(at, _)| self.fresh(*at))
+            .map(|(_, id)| *id)
     }
 
     pub fn version(&self, id: Uuid, version: u32) -> Option<KeyVersionRecord> {
         let map = self.versions.lock().ok()?;
-        map.get(&(id, version)).filter(|(at, _)| self.fresh(*at)).map(|(_, v)| v.clone())
+        map.get(&(id, version))
+            .filter(|(at, _)| self.fresh(*at))
+            .map(|(_, v)| v.clone())
     }
 
     pub fn put_key(&self, key: &KeyRecord) {

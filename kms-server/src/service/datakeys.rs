@@ -45,7 +45,9 @@ impl KmsService {
         let mechanism = self.inner.backend.mechanism();
         let aad = envelope::aad(mechanism, key.key_id, version.version, context);
         let backend_ref = version.backend_ref;
-        let sealed = self.blocking(move |b| Ok(b.seal(&backend_ref, &aad, &plaintext)?)).await?;
+        let sealed = self
+            .blocking(move |b| Ok(b.seal(&backend_ref, &aad, &plaintext)?))
+            .await?;
         let env = Envelope {
             mechanism,
             key_id: key.key_id,
@@ -53,7 +55,11 @@ impl KmsService {
             iv: sealed.iv,
             ciphertext: sealed.ciphertext,
         };
-        Ok(SealedBlob { blob: env.to_bytes(), key_id: key.key_id.to_string(), key_version: version.version })
+        Ok(SealedBlob {
+            blob: env.to_bytes(),
+            key_id: key.key_id.to_string(),
+            key_version: version.version,
+        })
     }
 
     /// Parses, checks and opens a blob. Returns the plaintext and the key it was sealed under.
@@ -86,7 +92,9 @@ impl KmsService {
         }
         let aad = env.aad(context);
         let backend_ref = version.backend_ref;
-        let plaintext = self.blocking(move |b| Ok(b.open(&backend_ref, &env.iv, &aad, &env.ciphertext)?)).await?;
+        let plaintext = self
+            .blocking(move |b| Ok(b.open(&backend_ref, &env.iv, &aad, &env.ciphertext)?))
+            .await?;
         Ok((plaintext, key, version.version))
     }
 
@@ -109,27 +117,44 @@ impl KmsService {
         })
     }
 
-    pub(super) async fn handle_encrypt(&self, req: pb::EncryptRequest) -> Result<pb::EncryptResponse, KmsError> {
+    pub(super) async fn handle_encrypt(
+        &self,
+        req: pb::EncryptRequest,
+    ) -> Result<pb::EncryptResponse, KmsError> {
         let key_ref = validate::key_ref("key", &req.key)?;
         let plaintext = Zeroizing::new(req.plaintext);
         validate::plaintext(&plaintext)?;
         let context = EncryptionContext::from_wire(&req.encryption_context)?;
         let key = self.resolve(&key_ref).await?;
         let sealed = self.seal_under(&key, &context, plaintext).await?;
-        Ok(pb::EncryptResponse { ciphertext_blob: sealed.blob, key_id: sealed.key_id, key_version: sealed.key_version })
+        Ok(pb::EncryptResponse {
+            ciphertext_blob: sealed.blob,
+            key_id: sealed.key_id,
+            key_version: sealed.key_version,
+        })
     }
 
-    pub(super) async fn handle_decrypt(&self, req: pb::DecryptRequest) -> Result<pb::DecryptResponse, KmsError> {
+    pub(super) async fn handle_decrypt(
+        &self,
+        req: pb::DecryptRequest,
+    ) -> Result<pb::DecryptResponse, KmsError> {
         let context = EncryptionContext::from_wire(&req.encryption_context)?;
         if let Some(audit) = &req.audit {
             validate::audit_field("audit.acting_user", &audit.acting_user)?;
             validate::audit_field("audit.purpose", &audit.purpose)?;
         }
         let (plaintext, key, version) = self.open_blob(&req.ciphertext_blob, &context).await?;
-        Ok(pb::DecryptResponse { plaintext: plaintext.to_vec(), key_id: key.key_id.to_string(), key_version: version })
+        Ok(pb::DecryptResponse {
+            plaintext: plaintext.to_vec(),
+            key_id: key.key_id.to_string(),
+            key_version: version,
+        })
     }
 
-    pub(super) async fn handle_re_encrypt(&self, req: pb::ReEncryptRequest) -> Result<pb::ReEncryptResponse, KmsError> {
+    pub(super) async fn handle_re_encrypt(
+        &self,
+        req: pb::ReEncryptRequest,
+    ) -> Result<pb::ReEncryptResponse, KmsError> {
         let source_context = EncryptionContext::from_wire(&req.source_encryption_context)?;
         let dest_context = if req.destination_context_set {
             EncryptionContext::from_wire(&req.destination_encryption_context)?
@@ -150,7 +175,9 @@ impl KmsService {
             validate::audit_field("audit.acting_user", &audit.acting_user)?;
             validate::audit_field("audit.purpose", &audit.purpose)?;
         }
-        let (plaintext, source_key, source_version) = self.open_blob(&req.ciphertext_blob, &source_context).await?;
+        let (plaintext, source_key, source_version) = self
+            .open_blob(&req.ciphertext_blob, &source_context)
+            .await?;
         let dest_key = match dest_ref {
             None => self.key_by_id(source_key.key_id).await?,
             Some(r @ (KeyRef::Id(_) | KeyRef::Alias(_))) => self.resolve(&r).await?,

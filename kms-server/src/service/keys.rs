@@ -21,7 +21,10 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 impl KmsService {
-    pub(super) async fn handle_create_key(&self, req: pb::CreateKeyRequest) -> Result<pb::CreateKeyResponse, KmsError> {
+    pub(super) async fn handle_create_key(
+        &self,
+        req: pb::CreateKeyRequest,
+    ) -> Result<pb::CreateKeyResponse, KmsError> {
         let alias = if req.alias.is_empty() {
             None
         } else {
@@ -31,12 +34,16 @@ impl KmsService {
         validate::description(&req.description)?;
         if let Some(a) = &alias {
             if self.store().get_key_by_alias(a).await?.is_some() {
-                return Err(KmsError::AlreadyExists(format!("alias {a:?} is already in use")));
+                return Err(KmsError::AlreadyExists(format!(
+                    "alias {a:?} is already in use"
+                )));
             }
         }
         let key_id = Uuid::new_v4();
         let name = version_object_name(key_id, 1);
-        let backend_ref = self.blocking(move |b| Ok(b.create_key_version(&name)?)).await?;
+        let backend_ref = self
+            .blocking(move |b| Ok(b.create_key_version(&name)?))
+            .await?;
         let now = now_ms();
         let key = KeyRecord {
             key_id,
@@ -56,14 +63,18 @@ impl KmsService {
         };
         if let Err(e) = self.store().insert_key(&key, &version).await {
             // Do not leave an orphaned master key in the HSM.
-            let cleanup = self.blocking(move |b| Ok(b.destroy_key_version(&backend_ref)?)).await;
+            let cleanup = self
+                .blocking(move |b| Ok(b.destroy_key_version(&backend_ref)?))
+                .await;
             if let Err(c) = cleanup {
                 tracing::warn!(key_id = %key_id, error = %c, "could not remove HSM object after failed insert");
             }
             return Err(e.into());
         }
         tracing::info!(key_id = %key_id, "key created");
-        Ok(pb::CreateKeyResponse { key: Some(metadata(&key)) })
+        Ok(pb::CreateKeyResponse {
+            key: Some(metadata(&key)),
+        })
     }
 
     pub(super) async fn handle_describe_key(
@@ -73,10 +84,15 @@ impl KmsService {
         let key_ref = validate::key_ref("key", &req.key)?;
         // Administrative reads go to the database so they show the latest state.
         let key = self.resolve_uncached(&key_ref).await?;
-        Ok(pb::DescribeKeyResponse { key: Some(metadata(&key)) })
+        Ok(pb::DescribeKeyResponse {
+            key: Some(metadata(&key)),
+        })
     }
 
-    pub(super) async fn handle_list_keys(&self, req: pb::ListKeysRequest) -> Result<pb::ListKeysResponse, KmsError> {
+    pub(super) async fn handle_list_keys(
+        &self,
+        req: pb::ListKeysRequest,
+    ) -> Result<pb::ListKeysResponse, KmsError> {
         let limit = validate::page_size(req.page_size)?;
         let after = validate::decode_page_token(&req.page_token)?;
         // One extra row tells whether another page exists.
@@ -87,10 +103,17 @@ impl KmsService {
             (true, Some(last)) => validate::encode_page_token(last.key_id),
             _ => String::new(),
         };
-        Ok(pb::ListKeysResponse { keys: keys.iter().map(metadata).collect(), next_page_token })
+        Ok(pb::ListKeysResponse {
+            keys: keys.iter().map(metadata).collect(),
+            next_page_token,
+        })
     }
 
-    pub(super) async fn handle_set_state(&self, key: &str, state: KeyState) -> Result<pb::KeyMetadata, KmsError> {
+    pub(super) async fn handle_set_state(
+        &self,
+        key: &str,
+        state: KeyState,
+    ) -> Result<pb::KeyMetadata, KmsError> {
         let key_ref = validate::key_ref("key", key)?;
         let current = self.resolve_uncached(&key_ref).await?;
         if current.state == KeyState::PendingDeletion {
@@ -114,9 +137,11 @@ impl KmsService {
             KeyRef::Id(id) => self.store().get_key(*id).await?,
             KeyRef::Alias(a) => self.store().get_key_by_alias(a).await?,
         };
-        found.ok_or_else(|| KmsError::NotFound(match key {
-            KeyRef::Id(id) => format!("key {id} not found"),
-            KeyRef::Alias(a) => format!("key {a:?} not found"),
-        }))
+        found.ok_or_else(|| {
+            KmsError::NotFound(match key {
+                KeyRef::Id(id) => format!("key {id} not found"),
+                KeyRef::Alias(a) => format!("key {a:?} not found"),
+            })
+        })
     }
 }

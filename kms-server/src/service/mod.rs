@@ -38,8 +38,18 @@ struct Inner {
 }
 
 impl KmsService {
-    pub fn new(store: Arc<dyn KeyStore>, backend: Arc<dyn KeyBackend>, key_cache_ttl: Duration) -> Self {
-        KmsService { inner: Arc::new(Inner { store, backend, cache: KeyCache::new(key_cache_ttl) }) }
+    pub fn new(
+        store: Arc<dyn KeyStore>,
+        backend: Arc<dyn KeyBackend>,
+        key_cache_ttl: Duration,
+    ) -> Self {
+        KmsService {
+            inner: Arc::new(Inner {
+                store,
+                backend,
+                cache: KeyCache::new(key_cache_ttl),
+            }),
+        }
     }
 
     fn store(&self) -> &dyn KeyStore {
@@ -65,11 +75,10 @@ impl KmsService {
             KeyRef::Alias(alias) => match self.inner.cache.alias(alias) {
                 Some(id) => id,
                 None => {
-                    let rec = self
-                        .store()
-                        .get_key_by_alias(alias)
-                        .await?
-                        .ok_or_else(|| KmsError::NotFound(format!("key {alias:?} not found")))?;
+                    let rec =
+                        self.store().get_key_by_alias(alias).await?.ok_or_else(|| {
+                            KmsError::NotFound(format!("key {alias:?} not found"))
+                        })?;
                     self.inner.cache.put_key(&rec);
                     return Ok(rec);
                 }
@@ -82,7 +91,11 @@ impl KmsService {
         if let Some(rec) = self.inner.cache.key(id) {
             return Ok(rec);
         }
-        let rec = self.store().get_key(id).await?.ok_or_else(|| KmsError::NotFound(format!("key {id} not found")))?;
+        let rec = self
+            .store()
+            .get_key(id)
+            .await?
+            .ok_or_else(|| KmsError::NotFound(format!("key {id} not found")))?;
         self.inner.cache.put_key(&rec);
         Ok(rec)
     }
@@ -95,7 +108,9 @@ impl KmsService {
             .store()
             .get_version(key.key_id, version)
             .await?
-            .ok_or_else(|| KmsError::NotFound(format!("key {} has no version {version}", key.key_id)))?;
+            .ok_or_else(|| {
+                KmsError::NotFound(format!("key {} has no version {version}", key.key_id))
+            })?;
         self.inner.cache.put_version(&v);
         Ok(v)
     }
@@ -104,7 +119,11 @@ impl KmsService {
     fn require_enabled(key: &KeyRecord) -> Result<(), KmsError> {
         match key.state {
             KeyState::Enabled => Ok(()),
-            other => Err(KmsError::FailedPrecondition(format!("key {} is {}", key.key_id, other.as_str()))),
+            other => Err(KmsError::FailedPrecondition(format!(
+                "key {} is {}",
+                key.key_id,
+                other.as_str()
+            ))),
         }
     }
 }
@@ -167,21 +186,35 @@ where
 
 #[tonic::async_trait]
 impl KeyManagementService for KmsService {
-    async fn create_key(&self, r: Request<pb::CreateKeyRequest>) -> Result<Response<pb::CreateKeyResponse>, Status> {
+    async fn create_key(
+        &self,
+        r: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
         observe("CreateKey", r, |r| self.handle_create_key(r.into_inner())).await
     }
     async fn describe_key(
         &self,
         r: Request<pb::DescribeKeyRequest>,
     ) -> Result<Response<pb::DescribeKeyResponse>, Status> {
-        observe("DescribeKey", r, |r| self.handle_describe_key(r.into_inner())).await
+        observe("DescribeKey", r, |r| {
+            self.handle_describe_key(r.into_inner())
+        })
+        .await
     }
-    async fn list_keys(&self, r: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
+    async fn list_keys(
+        &self,
+        r: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
         observe("ListKeys", r, |r| self.handle_list_keys(r.into_inner())).await
     }
-    async fn enable_key(&self, r: Request<pb::EnableKeyRequest>) -> Result<Response<pb::EnableKeyResponse>, Status> {
+    async fn enable_key(
+        &self,
+        r: Request<pb::EnableKeyRequest>,
+    ) -> Result<Response<pb::EnableKeyResponse>, Status> {
         observe("EnableKey", r, |r| async move {
-            let key = self.handle_set_state(&r.into_inner().key, KeyState::Enabled).await?;
+            let key = self
+                .handle_set_state(&r.into_inner().key, KeyState::Enabled)
+                .await?;
             Ok(pb::EnableKeyResponse { key: Some(key) })
         })
         .await
@@ -191,7 +224,9 @@ impl KeyManagementService for KmsService {
         r: Request<pb::DisableKeyRequest>,
     ) -> Result<Response<pb::DisableKeyResponse>, Status> {
         observe("DisableKey", r, |r| async move {
-            let key = self.handle_set_state(&r.into_inner().key, KeyState::Disabled).await?;
+            let key = self
+                .handle_set_state(&r.into_inner().key, KeyState::Disabled)
+                .await?;
             Ok(pb::DisableKeyResponse { key: Some(key) })
         })
         .await
@@ -200,7 +235,10 @@ impl KeyManagementService for KmsService {
         &self,
         r: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
-        observe("GenerateDataKey", r, |r| self.handle_generate_data_key(r.into_inner())).await
+        observe("GenerateDataKey", r, |r| {
+            self.handle_generate_data_key(r.into_inner())
+        })
+        .await
     }
     async fn generate_data_key_without_plaintext(
         &self,
@@ -209,7 +247,10 @@ impl KeyManagementService for KmsService {
         observe("GenerateDataKeyWithoutPlaintext", r, |r| async move {
             let r = r.into_inner();
             let full = self
-                .handle_generate_data_key(pb::GenerateDataKeyRequest { key: r.key, encryption_context: r.encryption_context })
+                .handle_generate_data_key(pb::GenerateDataKeyRequest {
+                    key: r.key,
+                    encryption_context: r.encryption_context,
+                })
                 .await?;
             // `full.plaintext` is dropped here; prost buffers are plain Vec, so wipe it.
             let mut plaintext = full.plaintext;
@@ -222,13 +263,22 @@ impl KeyManagementService for KmsService {
         })
         .await
     }
-    async fn encrypt(&self, r: Request<pb::EncryptRequest>) -> Result<Response<pb::EncryptResponse>, Status> {
+    async fn encrypt(
+        &self,
+        r: Request<pb::EncryptRequest>,
+    ) -> Result<Response<pb::EncryptResponse>, Status> {
         observe("Encrypt", r, |r| self.handle_encrypt(r.into_inner())).await
     }
-    async fn decrypt(&self, r: Request<pb::DecryptRequest>) -> Result<Response<pb::DecryptResponse>, Status> {
+    async fn decrypt(
+        &self,
+        r: Request<pb::DecryptRequest>,
+    ) -> Result<Response<pb::DecryptResponse>, Status> {
         observe("Decrypt", r, |r| self.handle_decrypt(r.into_inner())).await
     }
-    async fn re_encrypt(&self, r: Request<pb::ReEncryptRequest>) -> Result<Response<pb::ReEncryptResponse>, Status> {
+    async fn re_encrypt(
+        &self,
+        r: Request<pb::ReEncryptRequest>,
+    ) -> Result<Response<pb::ReEncryptResponse>, Status> {
         observe("ReEncrypt", r, |r| self.handle_re_encrypt(r.into_inner())).await
     }
 }

@@ -21,7 +21,9 @@ pub enum KeyRef {
 /// Parses a key reference: a UUID, or an alias.
 pub fn key_ref(field: &str, value: &str) -> Result<KeyRef, KmsError> {
     if value.is_empty() {
-        return Err(KmsError::invalid(format!("{field} is required (a key id or alias)")));
+        return Err(KmsError::invalid(format!(
+            "{field} is required (a key id or alias)"
+        )));
     }
     if let Ok(id) = Uuid::parse_str(value) {
         return Ok(KeyRef::Id(id));
@@ -33,30 +35,48 @@ pub fn key_ref(field: &str, value: &str) -> Result<KeyRef, KmsError> {
 /// Checks an alias: 1-256 of [A-Za-z0-9/_-], not a UUID.
 pub fn alias(field: &str, value: &str) -> Result<(), KmsError> {
     if value.is_empty() || value.len() > MAX_ALIAS_LEN {
-        return Err(KmsError::invalid(format!("{field} must be 1-{MAX_ALIAS_LEN} characters")));
+        return Err(KmsError::invalid(format!(
+            "{field} must be 1-{MAX_ALIAS_LEN} characters"
+        )));
     }
-    if !value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-')) {
-        return Err(KmsError::invalid(format!("{field} may contain only A-Z, a-z, 0-9, '/', '_' and '-'")));
+    if !value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-'))
+    {
+        return Err(KmsError::invalid(format!(
+            "{field} may contain only A-Z, a-z, 0-9, '/', '_' and '-'"
+        )));
     }
     if Uuid::parse_str(value).is_ok() {
-        return Err(KmsError::invalid(format!("{field} must not look like a key id (UUID)")));
+        return Err(KmsError::invalid(format!(
+            "{field} must not look like a key id (UUID)"
+        )));
     }
     Ok(())
 }
 
 pub fn description(value: &str) -> Result<(), KmsError> {
     if value.len() > MAX_DESCRIPTION_LEN {
-        return Err(KmsError::invalid(format!("description is longer than {MAX_DESCRIPTION_LEN} bytes")));
+        return Err(KmsError::invalid(format!(
+            "description is longer than {MAX_DESCRIPTION_LEN} bytes"
+        )));
     }
-    if value.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
-        return Err(KmsError::invalid("description must not contain control characters"));
+    if value
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Err(KmsError::invalid(
+            "description must not contain control characters",
+        ));
     }
     Ok(())
 }
 
 pub fn plaintext(value: &[u8]) -> Result<(), KmsError> {
     if value.is_empty() || value.len() > MAX_PLAINTEXT {
-        return Err(KmsError::invalid(format!("plaintext must be 1-{MAX_PLAINTEXT} bytes")));
+        return Err(KmsError::invalid(format!(
+            "plaintext must be 1-{MAX_PLAINTEXT} bytes"
+        )));
     }
     Ok(())
 }
@@ -65,7 +85,9 @@ pub fn page_size(value: u32) -> Result<u32, KmsError> {
     match value {
         0 => Ok(DEFAULT_PAGE_SIZE),
         1..=MAX_PAGE_SIZE => Ok(value),
-        _ => Err(KmsError::invalid(format!("page_size must be at most {MAX_PAGE_SIZE}"))),
+        _ => Err(KmsError::invalid(format!(
+            "page_size must be at most {MAX_PAGE_SIZE}"
+        ))),
     }
 }
 
@@ -90,7 +112,9 @@ pub fn decode_page_token(token: &str) -> Result<Option<Uuid>, KmsError> {
 /// Optional audit metadata (acting user, purpose): bounded, printable.
 pub fn audit_field(field: &str, value: &str) -> Result<(), KmsError> {
     if value.len() > 128 || value.chars().any(char::is_control) {
-        return Err(KmsError::invalid(format!("{field} must be at most 128 printable characters")));
+        return Err(KmsError::invalid(format!(
+            "{field} must be at most 128 printable characters"
+        )));
     }
     Ok(())
 }
@@ -103,7 +127,10 @@ mod tests {
     fn key_refs() {
         let id = Uuid::new_v4();
         assert_eq!(key_ref("key", &id.to_string()).unwrap(), KeyRef::Id(id));
-        assert_eq!(key_ref("key", "notes/site-a").unwrap(), KeyRef::Alias("notes/site-a".into()));
+        assert_eq!(
+            key_ref("key", "notes/site-a").unwrap(),
+            KeyRef::Alias("notes/site-a".into())
+        );
         assert!(key_ref("key", "").is_err());
         assert!(key_ref("key", "has space").is_err());
         assert!(key_ref("key", &"a".repeat(257)).is_err());

@@ -50,7 +50,9 @@ impl KeyState {
             "ENABLED" => Ok(KeyState::Enabled),
             "DISABLED" => Ok(KeyState::Disabled),
             "PENDING_DELETION" => Ok(KeyState::PendingDeletion),
-            other => Err(StoreError::Internal(format!("unknown key state {other:?} in database"))),
+            other => Err(StoreError::Internal(format!(
+                "unknown key state {other:?} in database"
+            ))),
         }
     }
 }
@@ -78,7 +80,9 @@ impl VersionState {
             "ENABLED" => Ok(VersionState::Enabled),
             "DISABLED" => Ok(VersionState::Disabled),
             "DESTROYED" => Ok(VersionState::Destroyed),
-            other => Err(StoreError::Internal(format!("unknown version state {other:?} in database"))),
+            other => Err(StoreError::Internal(format!(
+                "unknown version state {other:?} in database"
+            ))),
         }
     }
 }
@@ -115,33 +119,54 @@ pub trait KeyStore: Send + Sync {
     async fn ping(&self) -> Result<(), StoreError>;
     /// Inserts a new key together with its first version, atomically.
     /// A duplicate alias gives `StoreError::Conflict`.
-    async fn insert_key(&self, key: &KeyRecord, first_version: &KeyVersionRecord) -> Result<(), StoreError>;
+    async fn insert_key(
+        &self,
+        key: &KeyRecord,
+        first_version: &KeyVersionRecord,
+    ) -> Result<(), StoreError>;
     async fn get_key(&self, key_id: Uuid) -> Result<Option<KeyRecord>, StoreError>;
     async fn get_key_by_alias(&self, alias: &str) -> Result<Option<KeyRecord>, StoreError>;
     /// Keys ordered by key id, strictly after `after` when given, at most `limit`.
-    async fn list_keys(&self, after: Option<Uuid>, limit: u32) -> Result<Vec<KeyRecord>, StoreError>;
+    async fn list_keys(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
     /// Sets the key's state; returns the updated record, or `None` if there is no such key.
-    async fn set_key_state(&self, key_id: Uuid, state: KeyState) -> Result<Option<KeyRecord>, StoreError>;
-    async fn get_version(&self, key_id: Uuid, version: u32) -> Result<Option<KeyVersionRecord>, StoreError>;
+    async fn set_key_state(
+        &self,
+        key_id: Uuid,
+        state: KeyState,
+    ) -> Result<Option<KeyRecord>, StoreError>;
+    async fn get_version(
+        &self,
+        key_id: Uuid,
+        version: u32,
+    ) -> Result<Option<KeyVersionRecord>, StoreError>;
     /// All versions of a key, ascending.
     async fn list_versions(&self, key_id: Uuid) -> Result<Vec<KeyVersionRecord>, StoreError>;
     /// Adds a version (its number must be the next one) and, if `make_primary`, makes it the
     /// key's primary version, in one transaction.
-    async fn add_version(&self, version: &KeyVersionRecord, make_primary: bool) -> Result<(), StoreError>;
+    async fn add_version(
+        &self,
+        version: &KeyVersionRecord,
+        make_primary: bool,
+    ) -> Result<(), StoreError>;
 }
 
 /// Opens the store named by `url`: `sqlite:<path>` (created with mode 0600 if missing) or
 /// `postgres://…` / `postgresql://…`. Runs migrations.
 pub async fn connect(url: &str) -> Result<Arc<dyn KeyStore>, StoreError> {
-    let store: Arc<dyn KeyStore> = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Arc::new(PostgresStore::connect(url).await?)
-    } else if url.starts_with("sqlite:") {
-        Arc::new(SqliteStore::connect(url).await?)
-    } else {
-        return Err(StoreError::Internal(
-            "database url must start with sqlite: or postgres://".to_string(),
-        ));
-    };
+    let store: Arc<dyn KeyStore> =
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Arc::new(PostgresStore::connect(url).await?)
+        } else if url.starts_with("sqlite:") {
+            Arc::new(SqliteStore::connect(url).await?)
+        } else {
+            return Err(StoreError::Internal(
+                "database url must start with sqlite: or postgres://".to_string(),
+            ));
+        };
     store.migrate().await?;
     Ok(store)
 }

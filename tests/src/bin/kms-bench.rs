@@ -34,7 +34,9 @@ const TOKEN_LABEL: &str = "kms-e2e";
 const CEILING_AAD_LEN: usize = 80;
 
 #[derive(Parser, Debug)]
-#[command(about = "Load generator for kms-server (GenerateDataKey, Decrypt) vs the raw HSM ceiling")]
+#[command(
+    about = "Load generator for kms-server (GenerateDataKey, Decrypt) vs the raw HSM ceiling"
+)]
 struct Args {
     /// Concurrent request loops (tokio tasks), each with one request in flight.
     #[arg(long, default_value_t = 16)]
@@ -95,7 +97,10 @@ fn main() -> Result<()> {
     if !server_bin.components().any(|c| c.as_os_str() == "release") {
         eprintln!("kms-bench: WARNING: the server binary is not from a release directory");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
     runtime.block_on(run(args))
 }
 
@@ -118,17 +123,26 @@ fn server_binary(flag: Option<&Path>) -> Result<PathBuf> {
 type Client = KeyManagementServiceClient<Channel>;
 
 async fn run(args: Args) -> Result<()> {
-    let options = ServerOptions { max_sessions: args.hsm_sessions, ..ServerOptions::default() };
-    let server = KmsServer::start(options).await.context("starting kms-server")?;
+    let options = ServerOptions {
+        max_sessions: args.hsm_sessions,
+        ..ServerOptions::default()
+    };
+    let server = KmsServer::start(options)
+        .await
+        .context("starting kms-server")?;
     let server_pid = server.pid().ok_or_else(|| anyhow!("server has no pid"))?;
-    eprintln!("kms-bench: kms-server pid {server_pid} on {} ({} HSM sessions)", server.addr, args.hsm_sessions);
+    eprintln!(
+        "kms-bench: kms-server pid {server_pid} on {} ({} HSM sessions)",
+        server.addr, args.hsm_sessions
+    );
 
     // The ceiling first, with the server idle.
     let conf = server.token_dir.join("softhsm2.conf");
     let ceiling_secs = args.ceiling_seconds.max(1);
-    let ceiling = tokio::task::spawn_blocking(move || hsm_ceiling(&conf, Duration::from_secs(ceiling_secs)))
-        .await
-        .context("ceiling task")??;
+    let ceiling =
+        tokio::task::spawn_blocking(move || hsm_ceiling(&conf, Duration::from_secs(ceiling_secs)))
+            .await
+            .context("ceiling task")??;
     eprintln!(
         "kms-bench: HSM ceiling (C_Encrypt AES-GCM, 32 B, 1 thread, {ceiling_secs} s): {:.0} ops/s, {:.1} µs/op",
         ceiling,
@@ -137,7 +151,10 @@ async fn run(args: Args) -> Result<()> {
 
     let mut admin = server.raw("app").await?;
     let key_id = admin
-        .create_key(pb::CreateKeyRequest { alias: "bench".into(), description: "kms-bench".into() })
+        .create_key(pb::CreateKeyRequest {
+            alias: "bench".into(),
+            description: "kms-bench".into(),
+        })
         .await?
         .into_inner()
         .key
@@ -145,7 +162,10 @@ async fn run(args: Args) -> Result<()> {
         .key_id;
 
     let contexts: Vec<_> = (0..args.streams).map(stream_context).collect();
-    let gdk_op = Op::GenerateDataKey { key: key_id.clone(), contexts: Arc::new(contexts) };
+    let gdk_op = Op::GenerateDataKey {
+        key: key_id.clone(),
+        contexts: Arc::new(contexts),
+    };
 
     let channels = match args.channels {
         Channels::Fixed(n) => n,
@@ -153,7 +173,11 @@ async fn run(args: Args) -> Result<()> {
             let mut best = (0usize, 0f64);
             for n in [1usize, 4] {
                 let clients = connect(&server, n).await?;
-                let load = Load { streams: args.streams, warmup: Duration::from_secs(1), seconds: args.trial_seconds.max(1) };
+                let load = Load {
+                    streams: args.streams,
+                    warmup: Duration::from_secs(1),
+                    seconds: args.trial_seconds.max(1),
+                };
                 let r = load.run(&clients, gdk_op.clone()).await?;
                 eprintln!(
                     "kms-bench: trial GenerateDataKey over {n} connection(s): {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms",
@@ -162,7 +186,11 @@ async fn run(args: Args) -> Result<()> {
                     r.percentile_ms(0.99)
                 );
                 if r.errors > 0 {
-                    bail!("{} errors in the channel trial, first: {}", r.errors, r.first_error.unwrap_or_default());
+                    bail!(
+                        "{} errors in the channel trial, first: {}",
+                        r.errors,
+                        r.first_error.unwrap_or_default()
+                    );
                 }
                 if r.ops_per_s() > best.1 {
                     best = (n, r.ops_per_s());
@@ -173,30 +201,54 @@ async fn run(args: Args) -> Result<()> {
         }
     };
     let clients = connect(&server, channels).await?;
-    let load = Load { streams: args.streams, warmup: Duration::from_secs(args.warmup), seconds: args.seconds };
+    let load = Load {
+        streams: args.streams,
+        warmup: Duration::from_secs(args.warmup),
+        seconds: args.seconds,
+    };
 
     // GenerateDataKey.
     let cpu = CpuMeter::start(server_pid);
     let gdk = load.run(&clients, gdk_op).await?;
-    report("kms_generate_data_key", &args, channels, ceiling, &gdk, cpu.stop())?;
+    report(
+        "kms_generate_data_key",
+        &args,
+        channels,
+        ceiling,
+        &gdk,
+        cpu.stop(),
+    )?;
 
     // Decrypt: one blob per stream, each under its own context.
     let mut blobs = Vec::with_capacity(args.streams);
     for i in 0..args.streams {
         let context = stream_context(i);
         let dk = admin
-            .generate_data_key(pb::GenerateDataKeyRequest { key: key_id.clone(), encryption_context: context.clone() })
+            .generate_data_key(pb::GenerateDataKeyRequest {
+                key: key_id.clone(),
+                encryption_context: context.clone(),
+            })
             .await?
             .into_inner();
         blobs.push((dk.ciphertext_blob, context, dk.plaintext));
     }
     let cpu = CpuMeter::start(server_pid);
-    let dec = load.run(&clients, Op::Decrypt { blobs: Arc::new(blobs) }).await?;
+    let dec = load
+        .run(
+            &clients,
+            Op::Decrypt {
+                blobs: Arc::new(blobs),
+            },
+        )
+        .await?;
     report("kms_decrypt", &args, channels, ceiling, &dec, cpu.stop())?;
 
     let failed = gdk.errors + dec.errors;
     if failed > 0 {
-        bail!("{failed} requests failed; server log: {}", server.log_path.display());
+        bail!(
+            "{failed} requests failed; server log: {}",
+            server.log_path.display()
+        );
     }
     Ok(())
 }
@@ -222,12 +274,22 @@ fn hsm_ceiling(softhsm_conf: &Path, duration: Duration) -> Result<f64> {
     std::env::set_var("SOFTHSM2_CONF", softhsm_conf);
     let module = kms_tests::pkcs11_module();
     let ctx = Pkcs11::new(&module).with_context(|| format!("loading {}", module.display()))?;
-    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).context("C_Initialize")?;
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .context("C_Initialize")?;
     let slot = ctx
         .get_slots_with_initialized_token()?
         .into_iter()
-        .find(|s| ctx.get_token_info(*s).map(|i| i.label().trim_end() == TOKEN_LABEL).unwrap_or(false))
-        .ok_or_else(|| anyhow!("no token labelled {TOKEN_LABEL} in {}", softhsm_conf.display()))?;
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .map(|i| i.label().trim_end() == TOKEN_LABEL)
+                .unwrap_or(false)
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "no token labelled {TOKEN_LABEL} in {}",
+                softhsm_conf.display()
+            )
+        })?;
     let session = ctx.open_rw_session(slot)?;
     match session.login(UserType::User, Some(&AuthPin::from(PIN))) {
         Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
@@ -254,13 +316,15 @@ fn hsm_ceiling(softhsm_conf: &Path, duration: Duration) -> Result<f64> {
         Attribute::Label(label.clone()),
         Attribute::Id(label),
     ];
-    let key = session.generate_key(&Mechanism::AesKeyGen, &template).context("generating the ceiling key")?;
+    let key = session
+        .generate_key(&Mechanism::AesKeyGen, &template)
+        .context("generating the ceiling key")?;
 
     let mut aad = [0u8; CEILING_AAD_LEN];
     let mut data = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut aad);
     rand::rngs::OsRng.fill_bytes(&mut data);
-    let mut seal = || -> Result<()> {
+    let seal = || -> Result<()> {
         let mut iv = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut iv);
         let params = GcmParams::new(&mut iv, &aad, 128.into())?;
@@ -280,17 +344,25 @@ fn hsm_ceiling(softhsm_conf: &Path, duration: Duration) -> Result<f64> {
         ops += 1;
     }
     let rate = ops as f64 / started.elapsed().as_secs_f64();
-    session.destroy_object(key).context("destroying the ceiling key")?;
+    session
+        .destroy_object(key)
+        .context("destroying the ceiling key")?;
     Ok(rate)
 }
+
+/// A blob to decrypt: (blob, context, expected plaintext).
+type DecryptCase = (Vec<u8>, std::collections::HashMap<String, String>, Vec<u8>);
 
 /// What each stream sends.
 #[derive(Clone)]
 enum Op {
     /// Stream `i` uses `contexts[i % len]`.
-    GenerateDataKey { key: String, contexts: Arc<Vec<std::collections::HashMap<String, String>>> },
+    GenerateDataKey {
+        key: String,
+        contexts: Arc<Vec<std::collections::HashMap<String, String>>>,
+    },
     /// Stream `i` decrypts `blobs[i % len]`: (blob, context, expected plaintext).
-    Decrypt { blobs: Arc<Vec<(Vec<u8>, std::collections::HashMap<String, String>, Vec<u8>)>> },
+    Decrypt { blobs: Arc<Vec<DecryptCase>> },
 }
 
 impl Op {
@@ -381,7 +453,9 @@ impl Load {
                     let result = op.call(&mut client, stream).await;
                     let t1 = Instant::now();
                     match result {
-                        Ok(()) if t0 >= measure_from && t1 <= end => latencies.push((t1 - t0).as_nanos() as u64),
+                        Ok(()) if t0 >= measure_from && t1 <= end => {
+                            latencies.push((t1 - t0).as_nanos() as u64)
+                        }
                         Ok(()) => {}
                         Err(e) => {
                             errors += 1;
@@ -392,7 +466,12 @@ impl Load {
                 (latencies, errors, first_error)
             }));
         }
-        let mut result = LoadResult { latencies_ns: Vec::new(), window, errors: 0, first_error: None };
+        let mut result = LoadResult {
+            latencies_ns: Vec::new(),
+            window,
+            errors: 0,
+            first_error: None,
+        };
         for task in tasks {
             let (latencies, errors, first_error) = task.await.context("load task")?;
             result.latencies_ns.extend(latencies);
@@ -440,11 +519,20 @@ impl CpuMeter {
 
 /// utime + stime of a process from /proc/<pid>/stat (NaN where unavailable).
 fn cpu_seconds(pid: &str) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return f64::NAN };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return f64::NAN };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return f64::NAN;
+    };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
     (ticks(11) + ticks(12)) / clock_ticks_per_second()
 }
 
@@ -462,7 +550,14 @@ fn clock_ticks_per_second() -> f64 {
 }
 
 /// A human summary on stderr, then the JSON line on stdout.
-fn report(bench: &str, args: &Args, channels: usize, ceiling: f64, r: &LoadResult, cpu: CpuUse) -> Result<()> {
+fn report(
+    bench: &str,
+    args: &Args,
+    channels: usize,
+    ceiling: f64,
+    r: &LoadResult,
+    cpu: CpuUse,
+) -> Result<()> {
     let ops = r.ops_per_s();
     let (p50, p99) = (r.percentile_ms(0.50), r.percentile_ms(0.99));
     let ratio = ops / ceiling;
@@ -480,9 +575,18 @@ fn report(bench: &str, args: &Args, channels: usize, ceiling: f64, r: &LoadResul
         eprintln!("kms-bench: {bench}: first error: {e}");
     }
     let goal = ratio >= 0.5 && p99 <= 5.0;
-    eprintln!("kms-bench: {bench}: goal (ratio >= 0.5, p99 <= 5 ms): {}", if goal { "met" } else { "NOT met" });
+    eprintln!(
+        "kms-bench: {bench}: goal (ratio >= 0.5, p99 <= 5 ms): {}",
+        if goal { "met" } else { "NOT met" }
+    );
     // Field order as documented; a figure that is not finite (no successful request) is null.
-    let num = |x: f64, decimals: usize| if x.is_finite() { format!("{x:.decimals$}") } else { "null".into() };
+    let num = |x: f64, decimals: usize| {
+        if x.is_finite() {
+            format!("{x:.decimals$}")
+        } else {
+            "null".into()
+        }
+    };
     let line = format!(
         "{{\"bench\":\"{bench}\",\"ops_per_s\":{},\"p50_ms\":{},\"p99_ms\":{},\"ceiling_ops_per_s\":{},\
          \"ratio\":{},\"streams\":{},\"seconds\":{},\"channels\":{channels},\"errors\":{}}}",
@@ -495,7 +599,8 @@ fn report(bench: &str, args: &Args, channels: usize, ceiling: f64, r: &LoadResul
         args.seconds,
         r.errors
     );
-    serde_json::from_str::<serde_json::Value>(&line).with_context(|| format!("not JSON: {line}"))?;
+    serde_json::from_str::<serde_json::Value>(&line)
+        .with_context(|| format!("not JSON: {line}"))?;
     println!("{line}");
     Ok(())
 }

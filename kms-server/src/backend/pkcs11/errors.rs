@@ -38,7 +38,9 @@ pub(super) fn classify(err: &Error) -> Fault {
             RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid => Fault::StaleHandle,
             _ => Fault::Request,
         },
-        Error::LibraryLoading(_) | Error::NullFunctionPointer | Error::MissingSymbol(_) => Fault::Device,
+        Error::LibraryLoading(_) | Error::NullFunctionPointer | Error::MissingSymbol(_) => {
+            Fault::Device
+        }
         _ => Fault::Request,
     }
 }

@@ -46,7 +46,10 @@ impl Pkcs11Backend {
                 AttributeType::Derive,
                 AttributeType::ValueLen,
             ];
-            let attrs = s.session().get_attributes(key, &wanted).map_err(OpError::Ck)?;
+            let attrs = s
+                .session()
+                .get_attributes(key, &wanted)
+                .map_err(OpError::Ck)?;
             let mut p = KeyProtection::default();
             for a in attrs {
                 match a {

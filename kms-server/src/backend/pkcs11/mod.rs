@@ -23,9 +23,9 @@ use rand::RngCore;
 use zeroize::Zeroizing;
 
 use self::errors::{classify, Fault};
-use self::pool::{PooledSession, SessionPool};
 pub use self::inspect::KeyProtection;
 pub use self::pool::PoolStats;
+use self::pool::{PooledSession, SessionPool};
 use super::{BackendError, KeyBackend, Mechanism, Sealed};
 
 const GCM_IV_LEN: usize = 12;
@@ -98,7 +98,10 @@ impl Pkcs11Backend {
                 Attribute::Label(SENTINEL_LABEL.to_vec()),
                 Attribute::Value(b"kms".to_vec()),
             ];
-            s.session().create_object(&template).map(|_| ()).map_err(OpError::Ck)
+            s.session()
+                .create_object(&template)
+                .map(|_| ())
+                .map_err(OpError::Ck)
         })
     }
 
@@ -121,7 +124,9 @@ impl Pkcs11Backend {
                 session.mark_broken();
                 self.pool.discard_idle();
                 self.forget_handles();
-                Err(BackendError::Unavailable(format!("{what}: the HSM token's objects are not visible")))
+                Err(BackendError::Unavailable(format!(
+                    "{what}: the HSM token's objects are not visible"
+                )))
             }
             Err(OpError::Ck(e)) => match classify(&e) {
                 Fault::Device => {
@@ -146,14 +151,24 @@ impl Pkcs11Backend {
     }
 
     /// The object handle of a key version, from the cache or by label.
-    fn key_handle(&self, session: &PooledSession<'_>, label: &[u8]) -> Result<ObjectHandle, OpError> {
+    fn key_handle(
+        &self,
+        session: &PooledSession<'_>,
+        label: &[u8],
+    ) -> Result<ObjectHandle, OpError> {
         if let Ok(h) = self.handles.read() {
             if let Some(handle) = h.get(label) {
                 return Ok(*handle);
             }
         }
-        let template = [Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.to_vec())];
-        let found = session.session().find_objects(&template).map_err(OpError::Ck)?;
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(label.to_vec()),
+        ];
+        let found = session
+            .session()
+            .find_objects(&template)
+            .map_err(OpError::Ck)?;
         let handle = match found.as_slice() {
             [one] => *one,
             [] if !sentinel_visible(session)? => {
@@ -182,7 +197,10 @@ impl Pkcs11Backend {
     /// reports both as CKR_GENERAL_ERROR. A fresh lookup of the key object succeeds only on a
     /// healthy token.
     fn token_still_healthy(&self, session: &PooledSession<'_>, label: &[u8]) -> bool {
-        let template = [Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.to_vec())];
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(label.to_vec()),
+        ];
         session.session().get_session_info().is_ok()
             && matches!(sentinel_visible(session), Ok(true))
             && matches!(session.session().find_objects(&template), Ok(v) if v.len() == 1)
@@ -191,8 +209,15 @@ impl Pkcs11Backend {
 
 /// Whether this session still sees the backend's sentinel object.
 fn sentinel_visible(session: &PooledSession<'_>) -> Result<bool, OpError> {
-    let template = [Attribute::Class(ObjectClass::DATA), Attribute::Label(SENTINEL_LABEL.to_vec())];
-    Ok(!session.session().find_objects(&template).map_err(OpError::Ck)?.is_empty())
+    let template = [
+        Attribute::Class(ObjectClass::DATA),
+        Attribute::Label(SENTINEL_LABEL.to_vec()),
+    ];
+    Ok(!session
+        .session()
+        .find_objects(&template)
+        .map_err(OpError::Ck)?
+        .is_empty())
 }
 
 /// Errors inside a session operation: raw PKCS#11 errors are classified by `with_session`.
@@ -237,12 +262,19 @@ impl KeyBackend for Pkcs11Backend {
     fn create_key_version(&self, name: &str) -> Result<Vec<u8>, BackendError> {
         let label = name.as_bytes().to_vec();
         self.with_session("generate AES key", |s| {
-            s.session().generate_key(&CkMechanism::AesKeyGen, &aes_key_template(&label)).map_err(OpError::Ck)
+            s.session()
+                .generate_key(&CkMechanism::AesKeyGen, &aes_key_template(&label))
+                .map_err(OpError::Ck)
         })?;
         Ok(label)
     }
 
-    fn seal(&self, backend_ref: &[u8], aad: &[u8], plaintext: &[u8]) -> Result<Sealed, BackendError> {
+    fn seal(
+        &self,
+        backend_ref: &[u8],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Sealed, BackendError> {
         // SoftHSM never makes an IV: a fresh random 96-bit one from the OS CSPRNG per call.
         let mut iv = [0u8; GCM_IV_LEN];
         rand::rngs::OsRng.fill_bytes(&mut iv);
@@ -251,9 +283,14 @@ impl KeyBackend for Pkcs11Backend {
             let mut iv_buf = iv;
             let params = GcmParams::new(&mut iv_buf, aad, GCM_TAG_BITS.into())
                 .map_err(|e| OpError::Backend(errors::internal("GCM parameters", &e)))?;
-            s.session().encrypt(&CkMechanism::AesGcm(params), key, plaintext).map_err(OpError::Ck)
+            s.session()
+                .encrypt(&CkMechanism::AesGcm(params), key, plaintext)
+                .map_err(OpError::Ck)
         })?;
-        Ok(Sealed { iv: iv.to_vec(), ciphertext })
+        Ok(Sealed {
+            iv: iv.to_vec(),
+            ciphertext,
+        })
     }
 
     fn open(
@@ -264,7 +301,9 @@ impl KeyBackend for Pkcs11Backend {
         ciphertext: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
         if iv.len() != GCM_IV_LEN {
-            return Err(BackendError::InvalidInput(format!("GCM IV must be {GCM_IV_LEN} bytes")));
+            return Err(BackendError::InvalidInput(format!(
+                "GCM IV must be {GCM_IV_LEN} bytes"
+            )));
         }
         self.with_session("AES-GCM decrypt", |s| {
             let key = self.key_handle(s, backend_ref)?;
@@ -272,24 +311,32 @@ impl KeyBackend for Pkcs11Backend {
             iv_buf.copy_from_slice(iv);
             let params = GcmParams::new(&mut iv_buf, aad, GCM_TAG_BITS.into())
                 .map_err(|e| OpError::Backend(errors::internal("GCM parameters", &e)))?;
-            match s.session().decrypt(&CkMechanism::AesGcm(params), key, ciphertext) {
+            match s
+                .session()
+                .decrypt(&CkMechanism::AesGcm(params), key, ciphertext)
+            {
                 Ok(plain) => Ok(Zeroizing::new(plain)),
-                Err(e) if errors::is_auth_failure(&e) && self.token_still_healthy(s, backend_ref) => {
+                Err(e)
+                    if errors::is_auth_failure(&e) && self.token_still_healthy(s, backend_ref) =>
+                {
                     Err(OpError::Backend(BackendError::DecryptionFailed))
                 }
-                Err(e) if errors::is_auth_failure(&e) => Err(OpError::Backend(errors::unavailable(
-                    "AES-GCM decrypt (token check failed)",
-                    &e,
-                ))),
+                Err(e) if errors::is_auth_failure(&e) => Err(OpError::Backend(
+                    errors::unavailable("AES-GCM decrypt (token check failed)", &e),
+                )),
                 Err(e) => Err(OpError::Ck(e)),
             }
         })
     }
 
     fn random(&self, len: usize) -> Result<Zeroizing<Vec<u8>>, BackendError> {
-        let len = u32::try_from(len).map_err(|_| BackendError::InvalidInput("random length too large".into()))?;
+        let len = u32::try_from(len)
+            .map_err(|_| BackendError::InvalidInput("random length too large".into()))?;
         self.with_session("C_GenerateRandom", |s| {
-            s.session().generate_random_vec(len).map(Zeroizing::new).map_err(OpError::Ck)
+            s.session()
+                .generate_random_vec(len)
+                .map(Zeroizing::new)
+                .map_err(OpError::Ck)
         })
     }
 

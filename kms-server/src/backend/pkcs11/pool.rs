@@ -29,12 +29,18 @@ static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
 /// The process-wide, initialised context for a PKCS#11 module.
 pub(super) fn context_for(module: &Path) -> Result<Pkcs11, BackendError> {
     let map = CONTEXTS.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut map = map.lock().map_err(|_| BackendError::Internal("pkcs11 context map poisoned".into()))?;
+    let mut map = map
+        .lock()
+        .map_err(|_| BackendError::Internal("pkcs11 context map poisoned".into()))?;
     if let Some(ctx) = map.get(module) {
         return Ok(ctx.clone());
     }
     let ctx = Pkcs11::new(module).map_err(|e| {
-        BackendError::Unavailable(format!("cannot load PKCS#11 module {}: {}", module.display(), short(&e)))
+        BackendError::Unavailable(format!(
+            "cannot load PKCS#11 module {}: {}",
+            module.display(),
+            short(&e)
+        ))
     })?;
     match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
         Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
@@ -97,7 +103,11 @@ impl SessionPool {
 
     pub(super) fn stats(&self) -> PoolStats {
         match self.state.lock() {
-            Ok(s) => PoolStats { in_use: s.in_use, waiting: s.waiting, idle: s.idle.len() },
+            Ok(s) => PoolStats {
+                in_use: s.in_use,
+                waiting: s.waiting,
+                idle: s.idle.len(),
+            },
             Err(_) => PoolStats::default(),
         }
     }
@@ -127,10 +137,15 @@ impl SessionPool {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(BackendError::Unavailable("all HSM sessions are busy".into()));
+                return Err(BackendError::Unavailable(
+                    "all HSM sessions are busy".into(),
+                ));
             }
             state.waiting += 1;
-            let (s, _) = self.freed.wait_timeout(state, deadline - now).map_err(|_| poisoned())?;
+            let (s, _) = self
+                .freed
+                .wait_timeout(state, deadline - now)
+                .map_err(|_| poisoned())?;
             state = s;
             state.waiting -= 1;
         }
@@ -138,10 +153,16 @@ impl SessionPool {
 
     fn lend(&self, session: Session) -> Result<PooledSession<'_>, BackendError> {
         match self.library.read() {
-            Ok(guard) => Ok(PooledSession { pool: self, session: Some(session), _library: guard }),
+            Ok(guard) => Ok(PooledSession {
+                pool: self,
+                session: Some(session),
+                _library: guard,
+            }),
             Err(_) => {
                 self.release_slot();
-                Err(BackendError::Internal("pkcs11 library lock poisoned".into()))
+                Err(BackendError::Internal(
+                    "pkcs11 library lock poisoned".into(),
+                ))
             }
         }
     }
@@ -180,7 +201,10 @@ impl SessionPool {
         if let Err(e) = self.ctx.clone().finalize() {
             tracing::debug!(error = %short(&e), "C_Finalize during recovery");
         }
-        match self.ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        match self
+            .ctx
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        {
             Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
                 tracing::info!("PKCS#11 library re-initialised");
                 true
@@ -228,12 +252,18 @@ impl SessionPool {
                 _ => continue,
             }
         }
-        Err(BackendError::Unavailable(format!("no PKCS#11 token labelled {:?}", self.token_label)))
+        Err(BackendError::Unavailable(format!(
+            "no PKCS#11 token labelled {:?}",
+            self.token_label
+        )))
     }
 
     fn open_session(&self) -> Result<Session, BackendError> {
         let slot = self.find_slot()?;
-        let session = self.ctx.open_rw_session(slot).map_err(|e| errors::unavailable("C_OpenSession", &e))?;
+        let session = self
+            .ctx
+            .open_rw_session(slot)
+            .map_err(|e| errors::unavailable("C_OpenSession", &e))?;
         match session.login(UserType::User, Some(&self.pin)) {
             // Login state is per application: a second session is already logged in.
             Ok(()) | Err(Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
