@@ -1,4 +1,5 @@
 //! `KeyStore` on SQLite: one private (0600) WAL database file; migrations in `migrations/sqlite`.
+//! The private-file handling is `svc_common::sqlite_file`, shared with notes-store.
 //!
 //! Durability: `synchronous = FULL`, not the `NORMAL` that WAL usually allows. With `NORMAL` a
 //! power loss can roll back transactions that were already reported committed; here that would
@@ -11,8 +12,6 @@
 //! thread. Write transactions start with `BEGIN IMMEDIATE`, so they take the write lock up front
 //! and wait for it under `busy_timeout` instead of failing with `SQLITE_BUSY` half way through.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -22,6 +21,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::Row;
+use svc_common::sqlite_file;
 use uuid::Uuid;
 
 use super::{
@@ -35,8 +35,6 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// SQLite has one writer at a time anyway; a few connections serve concurrent reads.
 const MAX_CONNECTIONS: u32 = 4;
-/// Mode of a database file this store creates (and of its `-wal` / `-shm` companions).
-const FILE_MODE: u32 = 0o600;
 
 /// The columns of `keys`, in the order `key_from_row` reads them.
 macro_rules! key_columns {
@@ -64,7 +62,7 @@ impl SqliteStore {
     ///
     /// In-memory databases are refused: key metadata must survive a restart.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let path = database_path(url)?;
+        let path = sqlite_file::database_path(url, "key metadata").map_err(StoreError::Internal)?;
         let options = SqliteConnectOptions::from_str(url)
             .map_err(map_err)?
             .create_if_missing(true)
@@ -76,7 +74,9 @@ impl SqliteStore {
         // Create the file ourselves, already 0600, so that it never exists with the umask's
         // mode. SQLite opens an empty file as an empty database, and gives the `-wal` and
         // `-shm` files it creates later the mode of the database file.
-        let created = create_private_file(&path).await?;
+        let created = sqlite_file::create_private_file(&path)
+            .await
+            .map_err(StoreError::Internal)?;
 
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
@@ -88,9 +88,11 @@ impl SqliteStore {
         if created {
             // The pool has opened the file and switched it to WAL: make sure of the mode of
             // all three files whatever happened in between.
-            restrict_permissions(&path).await?;
+            sqlite_file::restrict_permissions(&path)
+                .await
+                .map_err(StoreError::Internal)?;
         } else {
-            warn_if_not_private(&path).await;
+            sqlite_file::warn_if_not_private(&path, "key metadata").await;
         }
         Ok(SqliteStore { pool })
     }
@@ -343,84 +345,6 @@ fn version_from_row(row: &SqliteRow) -> Result<KeyVersionRecord, StoreError> {
 fn parse_key_id(text: &str) -> Result<Uuid, StoreError> {
     Uuid::parse_str(text)
         .map_err(|_| StoreError::Internal("malformed key id in database".to_string()))
-}
-
-/// The file named by a `sqlite:` URL, refusing in-memory databases.
-fn database_path(url: &str) -> Result<PathBuf, StoreError> {
-    let rest = url
-        .trim_start_matches("sqlite://")
-        .trim_start_matches("sqlite:");
-    let (database, params) = rest.split_once('?').unwrap_or((rest, ""));
-    if database.is_empty()
-        || database == ":memory:"
-        || params.split('&').any(|param| param == "mode=memory")
-    {
-        return Err(StoreError::Internal(
-            "sqlite url must name a database file: key metadata must survive a restart".to_string(),
-        ));
-    }
-    // The same parse sqlx does, for the same (percent-decoded) path.
-    let options = SqliteConnectOptions::from_str(url).map_err(map_err)?;
-    Ok(options.get_filename().to_path_buf())
-}
-
-/// Creates `path` with mode 0600 if it does not exist; returns whether it did.
-async fn create_private_file(path: &Path) -> Result<bool, StoreError> {
-    let result = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(FILE_MODE)
-        .open(path)
-        .await;
-    match result {
-        Ok(_) => Ok(true),
-        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-        Err(err) => Err(StoreError::Internal(format!(
-            "cannot create sqlite database {}: {err}",
-            path.display()
-        ))),
-    }
-}
-
-/// Sets mode 0600 on the database file and on its `-wal` / `-shm` files when they exist.
-async fn restrict_permissions(path: &Path) -> Result<(), StoreError> {
-    for file in companion_files(path) {
-        match tokio::fs::set_permissions(&file, std::fs::Permissions::from_mode(FILE_MODE)).await {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound && file != path => {}
-            Err(err) => {
-                return Err(StoreError::Internal(format!(
-                    "cannot set mode 0600 on {}: {err}",
-                    file.display()
-                )))
-            }
-        }
-    }
-    Ok(())
-}
-
-/// An existing database is left as the operator made it, but a readable one is worth a warning.
-async fn warn_if_not_private(path: &Path) {
-    if let Ok(meta) = tokio::fs::metadata(path).await {
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            tracing::warn!(
-                path = %path.display(),
-                mode = format_args!("{mode:o}"),
-                "sqlite key metadata database is accessible to group or others; expected 0600"
-            );
-        }
-    }
-}
-
-/// The database file, then `<file>-wal` and `<file>-shm`.
-fn companion_files(path: &Path) -> [PathBuf; 3] {
-    let with_suffix = |suffix: &str| {
-        let mut name = path.as_os_str().to_owned();
-        name.push(suffix);
-        PathBuf::from(name)
-    };
-    [path.to_path_buf(), with_suffix("-wal"), with_suffix("-shm")]
 }
 
 /// sqlx error → `StoreError` (see `super::map_sqlx_err`).

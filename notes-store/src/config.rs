@@ -1,0 +1,273 @@
+//! notes-store configuration: a TOML file (`config/notes-store.example.toml`), then
+//! environment overrides (`NOTES_*`), then checks. Unknown keys are refused.
+//!
+//! No secret is configured inline: the TLS private keys are files; a PostgreSQL password, if
+//! any, belongs in `NOTES_DATABASE_URL` rather than in the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// Largest amendment reason, in bytes.
+pub const MAX_REASON_BYTES: usize = 4096;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerSection,
+    pub tls: TlsSection,
+    pub database: DatabaseSection,
+    pub kms: KmsSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// gRPC listen address; must be a loopback address unless `allow_non_loopback`.
+    pub listen: SocketAddr,
+    /// Prometheus metrics listen address (plain HTTP; loopback only).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Largest note body, in bytes of UTF-8.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u64,
+    #[serde(default)]
+    pub allow_non_loopback: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// CA whose certificates callers (the practice applications) must present.
+    pub client_ca: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSection {
+    /// `sqlite:<path>` or `postgres://…`.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmsSection {
+    /// `https://host:port` of each KMS node, in order of preference.
+    pub endpoints: Vec<String>,
+    /// CA that signs the KMS server certificates.
+    pub ca: PathBuf,
+    /// notes-store's own client certificate and key for mutual TLS with the KMS.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// TLS name of the KMS servers when it is not the endpoints' host.
+    pub server_name: Option<String>,
+    /// The master key for note data keys: alias or key id.
+    pub kms_key: String,
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_ms: u64,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_retries")]
+    pub max_retries: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// "text" or "json".
+    #[serde(default = "default_log_format")]
+    pub format: String,
+    /// A tracing filter such as "info" or "notes_store=debug".
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_max_body() -> usize {
+    64 * 1024
+}
+fn default_grace() -> u64 {
+    10
+}
+fn default_request_timeout() -> u64 {
+    5000
+}
+fn default_connect_timeout() -> u64 {
+    2000
+}
+fn default_retries() -> u32 {
+    1
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+impl Config {
+    /// Reads the file, applies `NOTES_*` environment overrides and checks the result.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut cfg: Config =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        cfg.apply_env(|k| std::env::var(k).ok())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> anyhow::Result<()> {
+        if let Some(v) = get("NOTES_LISTEN") {
+            self.server.listen = v.parse().context("NOTES_LISTEN")?;
+        }
+        if let Some(v) = get("NOTES_METRICS_LISTEN") {
+            self.server.metrics_listen = if v.is_empty() {
+                None
+            } else {
+                Some(v.parse().context("NOTES_METRICS_LISTEN")?)
+            };
+        }
+        if let Some(v) = get("NOTES_MAX_BODY_BYTES") {
+            self.server.max_body_bytes = v.parse().context("NOTES_MAX_BODY_BYTES")?;
+        }
+        if let Some(v) = get("NOTES_DATABASE_URL") {
+            self.database.url = v;
+        }
+        if let Some(v) = get("NOTES_TLS_CERT") {
+            self.tls.cert = v.into();
+        }
+        if let Some(v) = get("NOTES_TLS_KEY") {
+            self.tls.key = v.into();
+        }
+        if let Some(v) = get("NOTES_TLS_CLIENT_CA") {
+            self.tls.client_ca = v.into();
+        }
+        if let Some(v) = get("NOTES_KMS_ENDPOINTS") {
+            self.kms.endpoints = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+        }
+        if let Some(v) = get("NOTES_KMS_CA") {
+            self.kms.ca = v.into();
+        }
+        if let Some(v) = get("NOTES_KMS_CLIENT_CERT") {
+            self.kms.client_cert = v.into();
+        }
+        if let Some(v) = get("NOTES_KMS_CLIENT_KEY") {
+            self.kms.client_key = v.into();
+        }
+        if let Some(v) = get("NOTES_KMS_KEY") {
+            self.kms.kms_key = v;
+        }
+        if let Some(v) = get("NOTES_LOG_FORMAT") {
+            self.log.format = v;
+        }
+        if let Some(v) = get("NOTES_LOG_LEVEL") {
+            self.log.level = v;
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if !self.server.allow_non_loopback && !self.server.listen.ip().is_loopback() {
+            bail!("server.listen must be a loopback address (set allow_non_loopback to override)");
+        }
+        if let Some(m) = self.server.metrics_listen {
+            if !m.ip().is_loopback() {
+                bail!("server.metrics_listen must be a loopback address");
+            }
+        }
+        if !(1..=16 * 1024 * 1024).contains(&self.server.max_body_bytes) {
+            bail!("server.max_body_bytes must be 1-16777216");
+        }
+        if self.kms.endpoints.is_empty() {
+            bail!("kms.endpoints must name at least one KMS");
+        }
+        if self.kms.kms_key.is_empty() {
+            bail!("kms.kms_key must name the KMS key (alias or id)");
+        }
+        if self.kms.request_timeout_ms == 0 || self.kms.connect_timeout_ms == 0 {
+            bail!("kms timeouts must be greater than zero");
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            bail!("log.format must be \"text\" or \"json\"");
+        }
+        Ok(())
+    }
+
+    /// Largest gRPC message accepted or sent: a body at the limit, a reason, and room for the
+    /// other fields. Anything larger is refused by tonic with OUT_OF_RANGE.
+    pub fn max_message_bytes(&self) -> usize {
+        self.server.max_body_bytes + MAX_REASON_BYTES + 16 * 1024
+    }
+
+    pub fn kms_request_timeout(&self) -> Duration {
+        Duration::from_millis(self.kms.request_timeout_ms)
+    }
+
+    pub fn kms_connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.kms.connect_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../config/notes-store.example.toml");
+
+    #[test]
+    fn example_config_parses() {
+        let cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        cfg.validate().unwrap();
+        assert!(cfg.server.listen.ip().is_loopback());
+        assert_eq!(cfg.server.max_body_bytes, 64 * 1024);
+        assert_eq!(cfg.kms.kms_key, "notes");
+    }
+
+    #[test]
+    fn env_overrides_and_validation() {
+        let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        cfg.apply_env(|k| match k {
+            "NOTES_DATABASE_URL" => Some("postgres://x/y".into()),
+            "NOTES_KMS_ENDPOINTS" => Some("https://a:1, https://b:2".into()),
+            "NOTES_KMS_KEY" => Some("notes/site-a".into()),
+            "NOTES_MAX_BODY_BYTES" => Some("1000".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(cfg.database.url, "postgres://x/y");
+        assert_eq!(cfg.kms.endpoints, ["https://a:1", "https://b:2"]);
+        assert_eq!(cfg.kms.kms_key, "notes/site-a");
+        assert_eq!(cfg.server.max_body_bytes, 1000);
+        cfg.validate().unwrap();
+        cfg.server.listen = "0.0.0.0:7543".parse().unwrap();
+        assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let bad = EXAMPLE.replace("[kms]", "[kms]\nkey_typo = 1");
+        assert!(toml::from_str::<Config>(&bad).is_err());
+    }
+}

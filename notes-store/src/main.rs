@@ -1,0 +1,53 @@
+//! notes-store entry point: parse arguments, set up logging, run until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use notes_store::config::Config;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "gRPC store of clinical session notes, envelope-encrypted with data keys from the KMS"
+)]
+struct Args {
+    /// TOML configuration file (see config/notes-store.example.toml).
+    #[arg(long, env = "NOTES_CONFIG")]
+    config: PathBuf,
+    /// Load and check the configuration, then exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    if cfg.log.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let cfg = Config::load(&args.config)?;
+    if args.check_config {
+        println!("configuration OK");
+        return Ok(());
+    }
+    init_logging(&cfg);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    runtime.block_on(notes_store::server::run(
+        cfg,
+        svc_common::shutdown::signal(),
+    ))
+}

@@ -1,0 +1,30 @@
+//! Prometheus metrics: request counts and latency by RPC and status, KMS and database health.
+//! Served on a separate localhost port by `metrics-exporter-prometheus`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::PrometheusBuilder;
+
+/// Starts the exporter's HTTP listener. Must be called inside a tokio runtime.
+pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
+    PrometheusBuilder::new()
+        .with_http_listener(listen)
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("notes_request_duration_seconds".into()),
+            &[0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0],
+        )?
+        .install()?;
+    Ok(())
+}
+
+pub fn record_request(rpc: &'static str, code: tonic::Code, elapsed: Duration) {
+    counter!("notes_requests_total", "rpc" => rpc, "code" => format!("{code:?}")).increment(1);
+    histogram!("notes_request_duration_seconds", "rpc" => rpc).record(elapsed.as_secs_f64());
+}
+
+pub fn record_health(kms_ok: bool, store_ok: bool) {
+    gauge!("notes_kms_up").set(if kms_ok { 1.0 } else { 0.0 });
+    gauge!("notes_store_up").set(if store_ok { 1.0 } else { 0.0 });
+}

@@ -1,0 +1,9 @@
+//! What the workspace's gRPC servers (kms-server, notes-store) share, so that the
+//! security-relevant plumbing exists once: the mutual-TLS listener and PEM loading (`tls`),
+//! the caller's identity from its verified certificate (`identity`), the SIGINT/SIGTERM
+//! future (`shutdown`), and SQLite database files created private (`sqlite_file`).
+
+pub mod identity;
+pub mod shutdown;
+pub mod sqlite_file;
+pub mod tls;
