@@ -1,6 +1,7 @@
-//! End-to-end tests against the real kms-server binary: SoftHSM through PKCS#11, SQLite or
-//! PostgreSQL through sqlx, rustls mutual TLS with real certificates. One test binary, one
-//! module per area; every test starts its own server, token and database.
+//! End-to-end tests against the real kms-server and notes-store binaries: SoftHSM through
+//! PKCS#11, SQLite or PostgreSQL through sqlx, rustls mutual TLS with real certificates. One
+//! test binary, one module per area (`notes_*` for notes-store); every test starts its own
+//! servers, token and databases.
 
 // Test code: a failed unwrap is a failed test (clippy.toml allows it only inside #[test] fns,
 // not in the helpers they share).
@@ -9,6 +10,12 @@
 mod bad_inputs;
 mod hsm_outage;
 mod lifecycle;
+mod notes_bad_inputs;
+mod notes_concurrency;
+mod notes_outage;
+mod notes_roundtrip;
+mod notes_secrets;
+mod notes_tamper;
 mod roundtrip;
 mod secrets;
 mod transport;

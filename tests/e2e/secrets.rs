@@ -33,7 +33,7 @@ fn base64(data: &[u8], url: bool, pad: bool) -> String {
 }
 
 /// A secret and the encodings in which it might leak.
-fn encodings(name: &str, secret: &[u8]) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn encodings(name: &str, secret: &[u8]) -> Vec<(String, Vec<u8>)> {
     vec![
         (format!("{name} (raw)"), secret.to_vec()),
         (format!("{name} (hex)"), hex::encode(secret).into_bytes()),

@@ -1,10 +1,14 @@
 //! Test harness: starts the real `kms-server` binary with its own SoftHSM token directory,
-//! dev PKI, database and free port, and gives tests authenticated clients.
+//! dev PKI, database and free port, and gives tests authenticated clients. `notes` starts the
+//! real `notes-store` binary against such a KMS.
 //!
 //! Binaries are taken from `target/<profile>/` (build them first: `cargo build --workspace
 //! --bins`, as `make test` does) or from `KMS_SERVER_BIN`.
 
+pub mod notes;
 pub mod pg;
+
+pub use notes::{NotesOptions, NotesServer};
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -20,7 +24,7 @@ use kms_proto::kms::v1::key_management_service_client::KeyManagementServiceClien
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// Client certificate names every test server's PKI contains.
-pub const CLIENTS: &[&str] = &["admin", "app"];
+pub const CLIENTS: &[&str] = &["admin", "app", "notes-store"];
 pub const PIN: &str = "harness-user-pin-8472";
 const SO_PIN: &str = "harness-so-pin-8472";
 
@@ -183,39 +187,15 @@ key_ttl_ms = {ttl}
 
     /// Starts the process and waits for its `KMS_READY` line.
     async fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)?;
-        let mut child = Command::new(binary("kms-server")?)
-            .arg("--config")
+        let mut cmd = Command::new(binary("kms-server")?);
+        cmd.arg("--config")
             .arg(&self.config_path)
             .env("SOFTHSM2_CONF", self.token_dir.join("softhsm2.conf"))
-            .env_remove("KMS_PKCS11_PIN")
-            .env("RUST_BACKTRACE", "0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .context("starting kms-server")?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
-                if let Some(addr) = line.strip_prefix("KMS_READY listen=") {
-                    let _ = tx.send(addr.to_string());
-                }
-            }
-        });
+            .env_remove("KMS_PKCS11_PIN");
+        let (child, addr) = spawn_ready(cmd, "KMS_READY listen=", &self.log_path).await?;
         self.child = Some(child);
-        let addr =
-            tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30))).await?;
-        match addr {
-            Ok(a) => {
-                self.addr = a.parse()?;
-                Ok(())
-            }
-            Err(_) => bail!("kms-server did not become ready; log:\n{}", self.log()),
-        }
+        self.addr = addr;
+        Ok(())
     }
 
     pub fn log(&self) -> String {
@@ -232,25 +212,11 @@ key_ttl_ms = {ttl}
         sig: &str,
         timeout: Duration,
     ) -> Result<std::process::ExitStatus> {
-        let mut child = self
+        let child = self
             .child
             .take()
             .ok_or_else(|| anyhow!("server not running"))?;
-        Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(child.id().to_string())
-            .status()?;
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status);
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                bail!("kms-server did not exit within {timeout:?} after SIG{sig}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        signal_child(child, sig, timeout)
     }
 
     /// Stops the server (SIGTERM) and starts it again on the same port, token and database.
@@ -347,6 +313,73 @@ impl Drop for KmsServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Spawns `cmd` with stderr appended to `log_path` and waits (30 s at most) for the stdout line
+/// `<ready_prefix><address>`. The child is killed if it does not become ready.
+pub async fn spawn_ready(
+    mut cmd: Command,
+    ready_prefix: &'static str,
+    log_path: &Path,
+) -> Result<(Child, SocketAddr)> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)?;
+    let mut child = cmd
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+            if let Some(addr) = line.strip_prefix(ready_prefix) {
+                let _ = tx.send(addr.to_string());
+            }
+        }
+    });
+    let addr =
+        tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30))).await?;
+    match addr.ok().and_then(|a| a.parse().ok()) {
+        Some(addr) => Ok((child, addr)),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "{:?} did not become ready; log:\n{}",
+                cmd.get_program(),
+                std::fs::read_to_string(log_path).unwrap_or_default()
+            )
+        }
+    }
+}
+
+/// Sends a signal ("TERM", "INT", "KILL") to `child` and waits for its exit status; kills it
+/// if it has not exited within `timeout`.
+pub fn signal_child(
+    mut child: Child,
+    sig: &str,
+    timeout: Duration,
+) -> Result<std::process::ExitStatus> {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("process did not exit within {timeout:?} after SIG{sig}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

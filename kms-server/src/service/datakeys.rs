@@ -9,10 +9,11 @@ use zeroize::Zeroizing;
 
 use super::validate::{self, KeyRef};
 use super::KmsService;
+use crate::backend::Sealed;
 use crate::context::EncryptionContext;
 use crate::envelope::{self, Envelope};
 use crate::error::KmsError;
-use crate::store::{KeyRecord, VersionState};
+use crate::store::{KeyRecord, KeyVersionRecord, VersionState};
 
 /// Data keys are AES-256 keys.
 const DATA_KEY_LEN: usize = 32;
@@ -25,13 +26,13 @@ struct SealedBlob {
 }
 
 impl KmsService {
-    /// Seals `plaintext` under the primary version of `key`.
-    async fn seal_under(
+    /// Checks that `key` may seal now and returns its primary version and the AAD binding
+    /// the blob to `context`.
+    async fn seal_target(
         &self,
         key: &KeyRecord,
         context: &EncryptionContext,
-        plaintext: Zeroizing<Vec<u8>>,
-    ) -> Result<SealedBlob, KmsError> {
+    ) -> Result<(KeyVersionRecord, Vec<u8>), KmsError> {
         Self::require_enabled(key)?;
         let version = self.version(key, key.primary_version).await?;
         if version.state != VersionState::Enabled {
@@ -42,24 +43,44 @@ impl KmsService {
                 version.state.as_str()
             )));
         }
-        let mechanism = self.inner.backend.mechanism();
-        let aad = envelope::aad(mechanism, key.key_id, version.version, context);
+        let aad = envelope::aad(
+            self.inner.backend.mechanism(),
+            key.key_id,
+            version.version,
+            context,
+        );
+        Ok((version, aad))
+    }
+
+    /// The blob for a backend `seal` result.
+    fn sealed_blob(&self, key: &KeyRecord, version: u32, sealed: Sealed) -> SealedBlob {
+        let env = Envelope {
+            mechanism: self.inner.backend.mechanism(),
+            key_id: key.key_id,
+            key_version: version,
+            iv: sealed.iv,
+            ciphertext: sealed.ciphertext,
+        };
+        SealedBlob {
+            blob: env.to_bytes(),
+            key_id: key.key_id.to_string(),
+            key_version: version,
+        }
+    }
+
+    /// Seals `plaintext` under the primary version of `key`.
+    async fn seal_under(
+        &self,
+        key: &KeyRecord,
+        context: &EncryptionContext,
+        plaintext: Zeroizing<Vec<u8>>,
+    ) -> Result<SealedBlob, KmsError> {
+        let (version, aad) = self.seal_target(key, context).await?;
         let backend_ref = version.backend_ref;
         let sealed = self
             .blocking(move |b| Ok(b.seal(&backend_ref, &aad, &plaintext)?))
             .await?;
-        let env = Envelope {
-            mechanism,
-            key_id: key.key_id,
-            key_version: version.version,
-            iv: sealed.iv,
-            ciphertext: sealed.ciphertext,
-        };
-        Ok(SealedBlob {
-            blob: env.to_bytes(),
-            key_id: key.key_id.to_string(),
-            key_version: version.version,
-        })
+        Ok(self.sealed_blob(key, version.version, sealed))
     }
 
     /// Parses, checks and opens a blob. Returns the plaintext and the key it was sealed under.
@@ -105,9 +126,17 @@ impl KmsService {
         let key_ref = validate::key_ref("key", &req.key)?;
         let context = EncryptionContext::from_wire(&req.encryption_context)?;
         let key = self.resolve(&key_ref).await?;
-        Self::require_enabled(&key)?;
-        let data_key = self.blocking(|b| Ok(b.random(DATA_KEY_LEN)?)).await?;
-        let sealed = self.seal_under(&key, &context, data_key.clone()).await?;
+        let (version, aad) = self.seal_target(&key, &context).await?;
+        let backend_ref = version.backend_ref;
+        // Both HSM calls in one trip to the blocking pool: each trip costs a thread wake-up.
+        let (data_key, sealed) = self
+            .blocking(move |b| {
+                let data_key = b.random(DATA_KEY_LEN)?;
+                let sealed = b.seal(&backend_ref, &aad, &data_key)?;
+                Ok((data_key, sealed))
+            })
+            .await?;
+        let sealed = self.sealed_blob(&key, version.version, sealed);
         Ok(pb::GenerateDataKeyResponse {
             // The response owns this copy; tonic drops it after encoding.
             plaintext: data_key.to_vec(),

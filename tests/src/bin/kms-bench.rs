@@ -563,12 +563,15 @@ fn report(
     let ratio = ops / ceiling;
     eprintln!(
         "kms-bench: {bench}: {} ok, {} errors in {} s; {ops:.0} ops/s, p50 {p50:.2} ms, p99 {p99:.2} ms, \
-         ratio {ratio:.2} of the HSM ceiling; CPU: server {:.2} cores, bench {:.2} cores (of {})",
+         ratio {ratio:.2} of the HSM ceiling; CPU: server {:.2} cores ({:.0} µs/op), bench {:.2} cores \
+         ({:.0} µs/op), of {} cores",
         r.latencies_ns.len(),
         r.errors,
         args.seconds,
         cpu.server_cores,
+        cpu.server_cores * 1e6 / ops,
         cpu.bench_cores,
+        cpu.bench_cores * 1e6 / ops,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     );
     if let Some(e) = &r.first_error {
