@@ -48,7 +48,7 @@ dev-softhsm:
 # `kmsctl pki init` keeps existing files and only adds what is missing.
 dev-pki: build
 	$(KMSCTL) pki init --dir $(PKI_DIR) --server-name localhost \
-	    --client admin --client notes-store --client app
+	    --client admin --client notes-store --client app --client auditor
 
 demo: deps build dev-env
 	scripts/demo.sh

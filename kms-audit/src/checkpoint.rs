@@ -105,6 +105,16 @@ pub struct VerifyingKeyInput {
 }
 
 impl VerifyingKeyInput {
+    /// The key as PEM SubjectPublicKeyInfo, for publishing (`GetAuditPublicKey`).
+    ///
+    /// # Errors
+    /// [`AuditError::PublicKey`] if encoding fails (it does not for a valid key).
+    pub fn to_pem(&self) -> Result<String, AuditError> {
+        self.key()
+            .to_public_key_pem(p256::pkcs8::LineEnding::LF)
+            .map_err(|e| AuditError::PublicKey(e.to_string()))
+    }
+
     /// From PEM SubjectPublicKeyInfo (`-----BEGIN PUBLIC KEY-----`) of a P-256 key.
     ///
     /// # Errors

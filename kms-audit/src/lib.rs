@@ -20,6 +20,8 @@ mod encoding;
 mod error;
 mod event;
 mod export;
+#[cfg(feature = "proto")]
+pub mod proto;
 mod verify;
 
 pub use chain::Chain;

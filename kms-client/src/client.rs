@@ -3,15 +3,19 @@
 
 use std::mem;
 
-use kms_proto::kms::v1 as pb;
+use kms_proto::kms::v1::{self as pb, key_management_service_client::KeyManagementServiceClient};
+use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
 use crate::{
     transport::{Method, Transport},
     types::{required_key, to_proto_context},
-    AuditMetadata, Ciphertext, DataKey, Decrypted, EncryptionContext, Error, KeyMetadata, KeyPage,
-    KmsClientConfig, ReEncrypted,
+    AuditClient, AuditMetadata, Ciphertext, DataKey, Decrypted, EncryptionContext, Error,
+    KeyMetadata, KeyPage, KmsClientConfig, ReEncrypted,
 };
+
+/// The generated client of the key service over one endpoint's channel.
+type Grpc = KeyManagementServiceClient<Channel>;
 
 /// Upper bound on pages followed by [`KmsClient::list_all_keys`], against a server that never
 /// stops returning tokens.
@@ -36,6 +40,12 @@ impl KmsClient {
         })
     }
 
+    /// A client of the audit service sharing this client's connections and policy. The
+    /// server answers it only for identities listed as audit readers.
+    pub fn audit(&self) -> AuditClient {
+        AuditClient::with_transport(self.transport.clone())
+    }
+
     /// Creates a master key. **Never re-sent** once it may have reached a server (a repeat
     /// would create a second key): it is retried or failed over only when no connection could
     /// be established. After an ambiguous failure, look the key up by alias.
@@ -52,7 +62,7 @@ impl KmsClient {
                     alias: alias.unwrap_or_default().to_string(),
                     description: description.unwrap_or_default().to_string(),
                 },
-                |mut grpc, request| async move { grpc.create_key(request).await },
+                |channel, request| async move { Grpc::new(channel).create_key(request).await },
             )
             .await?;
         required_key("CreateKey", response.key)
@@ -65,7 +75,7 @@ impl KmsClient {
             .call(
                 Method::DescribeKey,
                 || pb::DescribeKeyRequest { key: key.into() },
-                |mut grpc, request| async move { grpc.describe_key(request).await },
+                |channel, request| async move { Grpc::new(channel).describe_key(request).await },
             )
             .await?;
         required_key("DescribeKey", response.key)
@@ -86,7 +96,7 @@ impl KmsClient {
                     page_size,
                     page_token: page_token.unwrap_or_default().to_string(),
                 },
-                |mut grpc, request| async move { grpc.list_keys(request).await },
+                |channel, request| async move { Grpc::new(channel).list_keys(request).await },
             )
             .await?;
         Ok(KeyPage {
@@ -127,7 +137,7 @@ impl KmsClient {
             .call(
                 Method::EnableKey,
                 || pb::EnableKeyRequest { key: key.into() },
-                |mut grpc, request| async move { grpc.enable_key(request).await },
+                |channel, request| async move { Grpc::new(channel).enable_key(request).await },
             )
             .await?;
         required_key("EnableKey", response.key)
@@ -140,7 +150,7 @@ impl KmsClient {
             .call(
                 Method::DisableKey,
                 || pb::DisableKeyRequest { key: key.into() },
-                |mut grpc, request| async move { grpc.disable_key(request).await },
+                |channel, request| async move { Grpc::new(channel).disable_key(request).await },
             )
             .await?;
         required_key("DisableKey", response.key)
@@ -152,17 +162,19 @@ impl KmsClient {
         key: &str,
         context: &EncryptionContext,
     ) -> Result<DataKey, Error> {
-        let mut response = self
-            .transport
-            .call(
-                Method::GenerateDataKey,
-                || pb::GenerateDataKeyRequest {
-                    key: key.into(),
-                    encryption_context: to_proto_context(context),
-                },
-                |mut grpc, request| async move { grpc.generate_data_key(request).await },
-            )
-            .await?;
+        let mut response =
+            self.transport
+                .call(
+                    Method::GenerateDataKey,
+                    || pb::GenerateDataKeyRequest {
+                        key: key.into(),
+                        encryption_context: to_proto_context(context),
+                    },
+                    |channel, request| async move {
+                        Grpc::new(channel).generate_data_key(request).await
+                    },
+                )
+                .await?;
         // Move (not copy) the plaintext into zeroizing memory.
         let plaintext = Zeroizing::new(mem::take(&mut response.plaintext));
         Ok(DataKey {
@@ -187,8 +199,10 @@ impl KmsClient {
                     key: key.into(),
                     encryption_context: to_proto_context(context),
                 },
-                |mut grpc, request| async move {
-                    grpc.generate_data_key_without_plaintext(request).await
+                |channel, request| async move {
+                    Grpc::new(channel)
+                        .generate_data_key_without_plaintext(request)
+                        .await
                 },
             )
             .await?;
@@ -216,7 +230,7 @@ impl KmsClient {
                     plaintext: plaintext.to_vec(),
                     encryption_context: to_proto_context(context),
                 },
-                |mut grpc, request| async move { grpc.encrypt(request).await },
+                |channel, request| async move { Grpc::new(channel).encrypt(request).await },
             )
             .await?;
         Ok(Ciphertext {
@@ -243,7 +257,7 @@ impl KmsClient {
                     encryption_context: to_proto_context(context),
                     audit: audit.clone().map(Into::into),
                 },
-                |mut grpc, request| async move { grpc.decrypt(request).await },
+                |channel, request| async move { Grpc::new(channel).decrypt(request).await },
             )
             .await?;
         let plaintext = Zeroizing::new(mem::take(&mut response.plaintext));
@@ -279,7 +293,7 @@ impl KmsClient {
                     destination_context_set: destination_context.is_some(),
                     audit: audit.clone().map(Into::into),
                 },
-                |mut grpc, request| async move { grpc.re_encrypt(request).await },
+                |channel, request| async move { Grpc::new(channel).re_encrypt(request).await },
             )
             .await?;
         Ok(ReEncrypted {

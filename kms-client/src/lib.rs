@@ -1,5 +1,6 @@
 //! Async client for the kms.v1 key management service (mutual TLS, failover, deadlines,
-//! retries), plus a dev PKI generator ([`pki`]) and the `kmsctl` command.
+//! retries) and its audit service ([`AuditClient`], for auditors), plus a dev PKI generator
+//! ([`pki`]) and the `kmsctl` command.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), kms_client::Error> {
@@ -48,6 +49,7 @@
 //! never contain plaintext. Copies inside tonic/prost buffers (request bodies, the TLS
 //! identity) are outside our control and are not zeroized.
 
+mod audit;
 mod client;
 mod config;
 mod error;
@@ -55,12 +57,18 @@ pub mod pki;
 mod transport;
 mod types;
 
+pub use audit::{
+    AuditClient, AuditEventPage, AuditEventStream, AuditFilter, AuditPublicKey, ServerVerifyReport,
+    AUDIT_SIGNATURE_ALGORITHM,
+};
 pub use client::KmsClient;
 pub use config::{
     KmsClientConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_RETRIES,
     DEFAULT_REQUEST_TIMEOUT,
 };
 pub use error::{code_name, Error};
+/// Re-exported: audit events and export records are `kms_audit` types.
+pub use kms_audit;
 /// Re-exported so callers can match on [`Error::code`] without depending on tonic.
 pub use tonic::Code;
 pub use transport::{Method, MAX_BACKOFF};

@@ -17,6 +17,10 @@
 //! - Every attempt carries `grpc-timeout = request_timeout`; a local timer of
 //!   `connect_timeout + request_timeout` backs it up. A client-side expiry is reported as
 //!   `DEADLINE_EXCEEDED` (tonic itself would say `CANCELLED`).
+//! - Server streams ([`Transport::open_stream`]) get the same failover and retries for
+//!   *opening* the stream (until the response headers arrive, bounded by the local timer),
+//!   but no `grpc-timeout`: a live tail may run for hours. Once open, a stream is never
+//!   retried or failed over; its reader decides how long to wait for each message.
 
 use std::{
     future::Future,
@@ -27,7 +31,6 @@ use std::{
     time::Duration,
 };
 
-use kms_proto::kms::v1::key_management_service_client::KeyManagementServiceClient;
 use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
     Code, Status,
@@ -38,10 +41,8 @@ use crate::{error::code_name, Error, KmsClientConfig};
 /// Upper bound of one backoff sleep.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// The generated gRPC client over one endpoint's channel.
-pub(crate) type Grpc = KeyManagementServiceClient<Channel>;
-
-/// The RPCs of `kms.v1.KeyManagementService`, with their retry safety.
+/// The RPCs of `kms.v1.KeyManagementService` and `kms.v1.AuditService`, with their retry
+/// safety.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Method {
     /// Not idempotent: a repeat would create a second key.
@@ -64,6 +65,16 @@ pub enum Method {
     Decrypt,
     /// Stores nothing; as `Encrypt`.
     ReEncrypt,
+    /// Read only (the query itself is audited).
+    QueryAuditEvents,
+    /// Read only: opens a live tail.
+    StreamAuditEvents,
+    /// Read only.
+    GetAuditPublicKey,
+    /// Read only (the server may sign a checkpoint of its current head first).
+    VerifyAuditLog,
+    /// Read only (the server may sign a checkpoint of its current head first).
+    ExportAuditLog,
 }
 
 impl Method {
@@ -80,6 +91,11 @@ impl Method {
             Method::Encrypt => "Encrypt",
             Method::Decrypt => "Decrypt",
             Method::ReEncrypt => "ReEncrypt",
+            Method::QueryAuditEvents => "QueryAuditEvents",
+            Method::StreamAuditEvents => "StreamAuditEvents",
+            Method::GetAuditPublicKey => "GetAuditPublicKey",
+            Method::VerifyAuditLog => "VerifyAuditLog",
+            Method::ExportAuditLog => "ExportAuditLog",
         }
     }
 
@@ -171,11 +187,19 @@ pub(crate) fn backoff_delay(initial: Duration, pass: u32, jitter: f64) -> Durati
     half + half.mul_f64(jitter.clamp(0.0, 1.0))
 }
 
-/// One endpoint: its URL (for errors and logs) and a client over its channel.
+/// One endpoint: its URL (for errors and logs) and its channel, shared by the generated
+/// clients of every service.
 #[derive(Clone, Debug)]
 struct Target {
     url: String,
-    grpc: Grpc,
+    channel: Channel,
+}
+
+/// Whether an attempt carries `grpc-timeout` (unary calls) or not (server streams).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Deadline {
+    Call,
+    OpenStream,
 }
 
 /// The endpoints and the call policy. Cheap to clone; clones share the channels.
@@ -215,13 +239,47 @@ impl Transport {
     }
 
     /// Runs one RPC under the policy. `make` builds a fresh request message for each attempt;
-    /// `send` performs it on the given client.
+    /// `send` performs it on the given endpoint's channel.
     pub(crate) async fn call<Req, Resp, Fut>(
         &self,
         method: Method,
         make: impl Fn() -> Req,
-        send: impl Fn(Grpc, tonic::Request<Req>) -> Fut,
+        send: impl Fn(Channel, tonic::Request<Req>) -> Fut,
     ) -> Result<Resp, Error>
+    where
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let (response, _endpoint) = self.run(method, Deadline::Call, make, send).await?;
+        Ok(response)
+    }
+
+    /// Opens a server stream under the policy (see the module documentation): no
+    /// `grpc-timeout`, failover and retries only until the stream is open. Returns the stream
+    /// and the endpoint that serves it (for errors met while reading it).
+    pub(crate) async fn open_stream<Req, Resp, Fut>(
+        &self,
+        method: Method,
+        make: impl Fn() -> Req,
+        send: impl Fn(Channel, tonic::Request<Req>) -> Fut,
+    ) -> Result<(Resp, String), Error>
+    where
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        self.run(method, Deadline::OpenStream, make, send).await
+    }
+
+    /// The deadline of one message of an open stream: the per-attempt request timeout.
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
+    async fn run<Req, Resp, Fut>(
+        &self,
+        method: Method,
+        deadline: Deadline,
+        make: impl Fn() -> Req,
+        send: impl Fn(Channel, tonic::Request<Req>) -> Fut,
+    ) -> Result<(Resp, String), Error>
     where
         Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
@@ -235,19 +293,25 @@ impl Transport {
                 let index = (start + offset) % count;
                 let target = &self.targets[index];
                 let mut request = tonic::Request::new(make());
-                request.set_timeout(self.request_timeout);
-                let outcome =
-                    match tokio::time::timeout(guard, send(target.grpc.clone(), request)).await {
-                        Ok(result) => result.map_err(|s| normalize(s, self.request_timeout)),
-                        Err(_elapsed) => Err(deadline_exceeded(self.request_timeout)),
-                    };
+                if deadline == Deadline::Call {
+                    request.set_timeout(self.request_timeout);
+                }
+                let outcome = match tokio::time::timeout(
+                    guard,
+                    send(target.channel.clone(), request),
+                )
+                .await
+                {
+                    Ok(result) => result.map_err(|s| normalize(s, self.request_timeout)),
+                    Err(_elapsed) => Err(deadline_exceeded(self.request_timeout)),
+                };
                 let status = match outcome {
                     Ok(response) => {
                         if index != start {
                             self.preferred.store(index, Ordering::Relaxed);
                             tracing::info!(method = method.name(), endpoint = %target.url, "failed over");
                         }
-                        return Ok(response.into_inner());
+                        return Ok((response.into_inner(), target.url.clone()));
                     }
                     Err(status) => status,
                 };
@@ -310,7 +374,7 @@ fn build_target(url: &str, config: &KmsClientConfig) -> Result<Target, Error> {
         .map_err(|e| Error::Config(format!("TLS setup for {url}: {}", chain(&e))))?;
     Ok(Target {
         url: url.to_string(),
-        grpc: KeyManagementServiceClient::new(endpoint.connect_lazy()),
+        channel: endpoint.connect_lazy(),
     })
 }
 
@@ -331,7 +395,7 @@ fn chain(err: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
 
-    const ALL: [Method; 10] = [
+    const ALL: [Method; 15] = [
         Method::CreateKey,
         Method::DescribeKey,
         Method::ListKeys,
@@ -342,6 +406,11 @@ mod tests {
         Method::Encrypt,
         Method::Decrypt,
         Method::ReEncrypt,
+        Method::QueryAuditEvents,
+        Method::StreamAuditEvents,
+        Method::GetAuditPublicKey,
+        Method::VerifyAuditLog,
+        Method::ExportAuditLog,
     ];
 
     #[test]

@@ -22,6 +22,39 @@ pub struct Config {
     pub log: LogSection,
     #[serde(default)]
     pub cache: CacheSection,
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// Sign a checkpoint of the audit chain after this many events...
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// ...or after this many milliseconds with new events, whichever comes first.
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval_ms: u64,
+    /// Identities (SAN URI or CN) that may read the audit log. Empty: nobody (deny by default).
+    #[serde(default)]
+    pub readers: Vec<String>,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        AuditSection {
+            checkpoint_every: default_checkpoint_every(),
+            checkpoint_interval_ms: default_checkpoint_interval(),
+            readers: Vec::new(),
+        }
+    }
+}
+
+fn default_checkpoint_every() -> u64 {
+    1000
+}
+fn default_checkpoint_interval() -> u64 {
+    1000
 }
 
 #[derive(Debug, Clone, Deserialize)]

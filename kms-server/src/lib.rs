@@ -5,6 +5,7 @@
 //! gRPC statuses; `envelope` owns the wrapped-key format and `context` the AAD encoding;
 //! `tls` the mutual-TLS listener; `server` wires it all together.
 
+pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod config;

@@ -46,5 +46,9 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    runtime.block_on(kms_server::server::run(cfg, svc_common::shutdown::signal()))
+    runtime.block_on(async {
+        // Signal handlers go in before anything else, so no signal is ever missed.
+        let stop = svc_common::shutdown::signal();
+        kms_server::server::run(cfg, stop).await
+    })
 }

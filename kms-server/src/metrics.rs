@@ -36,3 +36,8 @@ pub fn record_health(backend_ok: bool, store_ok: bool) {
     gauge!("kms_backend_up").set(if backend_ok { 1.0 } else { 0.0 });
     gauge!("kms_store_up").set(if store_ok { 1.0 } else { 0.0 });
 }
+
+pub fn record_audit_batch(events: usize) {
+    counter!("kms_audit_events_total").increment(events as u64);
+    histogram!("kms_audit_batch_size").record(events as f64);
+}

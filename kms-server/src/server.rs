@@ -6,12 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use kms_audit::EventFields;
+use kms_proto::kms::v1::audit_service_server::AuditServiceServer;
 use kms_proto::kms::v1::key_management_service_server::KeyManagementServiceServer;
 use tokio::net::TcpListener;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
 use crate::backend::pkcs11::{Pkcs11Backend, Pkcs11Settings};
+use crate::audit::{AuditApi, AuditLog, AuditSettings};
 use crate::backend::KeyBackend;
 use crate::config::{BackendConfig, Config};
 use crate::service::KmsService;
@@ -50,13 +53,26 @@ pub async fn run(
     }
     let backend_cfg = cfg.backend.clone();
     let backend = tokio::task::spawn_blocking(move || build_backend(&backend_cfg)).await??;
-    let store = store::connect(&cfg.database.url)
+    let (store, audit_store) = store::connect_both(&cfg.database.url)
         .await
         .context("opening the metadata database")?;
-    let service = KmsService::new(store.clone(), backend.clone(), cfg.key_cache_ttl());
+    let mut audit_settings = AuditSettings::new(cfg.server.node_id.clone());
+    audit_settings.checkpoint_every = cfg.audit.checkpoint_every.max(1);
+    audit_settings.checkpoint_interval = Duration::from_millis(cfg.audit.checkpoint_interval_ms.max(10));
+    let audit = AuditLog::start(audit_store, backend.clone(), audit_settings)
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the audit log: {e}"))?;
+    audit
+        .record(server_event("ServerStarted", backend.kind()))
+        .await
+        .map_err(|e| anyhow::anyhow!("recording the start in the audit log: {e}"))?;
+    let service = KmsService::new(store.clone(), backend.clone(), audit.clone(), cfg.key_cache_ttl());
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    let health_task = tokio::spawn(watch_health(reporter, backend.clone(), store.clone()));
+    // The first check runs before serving, so a client never sees "service not registered".
+    let mut health = HealthWatch { reporter, backend: backend.clone(), store: store.clone(), audit: audit.clone(), last: None };
+    health.check().await;
+    let health_task = tokio::spawn(health.run());
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(kms_proto::FILE_DESCRIPTOR_SET)
@@ -74,6 +90,7 @@ pub async fn run(
     let incoming = crate::tls::incoming(listener, tls);
 
     let max = cfg.server.max_message_bytes;
+    let audit_api = AuditServiceServer::new(AuditApi::new(audit.clone(), cfg.audit.readers.clone()));
     let kms = KeyManagementServiceServer::new(service)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -90,6 +107,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(kms)
+        .add_service(audit_api)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop_for_serve.wait_for(|s| *s).await;
             tracing::info!("shutdown requested; finishing in-flight requests");
@@ -109,52 +127,78 @@ pub async fn run(
         } => tracing::warn!("in-flight requests did not finish within the grace period"),
     }
     health_task.abort();
+    if let Err(e) = audit.record(server_event("ServerStopped", backend.kind())).await {
+        tracing::error!(error = %e, "could not record the stop in the audit log");
+    }
+    if let Err(e) = audit.checkpoint_now().await {
+        tracing::warn!(error = %e, "final audit checkpoint failed");
+    }
     tracing::info!("kms-server stopped");
     Ok(())
 }
 
-/// Polls the backend and the database; NOT_SERVING while either is unreachable.
-async fn watch_health(
+/// An administrative audit event of the server itself.
+fn server_event(operation: &str, backend: &str) -> EventFields {
+    EventFields {
+        time_ms: crate::audit::now_ms(),
+        caller: "kms-server".into(),
+        operation: operation.into(),
+        outcome: "OK".into(),
+        detail: format!("backend {backend}, version {}", env!("CARGO_PKG_VERSION")),
+        ..EventFields::default()
+    }
+}
+
+/// Polls the backend, the database and the audit log's writability; NOT_SERVING while any of
+/// them fails, SERVING again as soon as all answer.
+struct HealthWatch {
     reporter: HealthReporter,
     backend: Arc<dyn KeyBackend>,
     store: Arc<dyn KeyStore>,
-) {
-    let mut last: Option<bool> = None;
-    loop {
-        let b = backend.clone();
+    audit: AuditLog,
+    last: Option<bool>,
+}
+
+impl HealthWatch {
+    async fn run(mut self) {
+        loop {
+            tokio::time::sleep(HEALTH_INTERVAL).await;
+            self.check().await;
+        }
+    }
+
+    async fn check(&mut self) {
+        let b = self.backend.clone();
         let backend_result = tokio::task::spawn_blocking(move || b.check_health()).await;
         let backend_ok = matches!(backend_result, Ok(Ok(())));
-        let store_result = tokio::time::timeout(Duration::from_secs(2), store.ping()).await;
+        let store_result = tokio::time::timeout(Duration::from_secs(2), self.store.ping()).await;
         let store_ok = matches!(store_result, Ok(Ok(())));
-        let (in_use, waiting, idle) = backend.session_usage();
+        let audit_ok = matches!(tokio::time::timeout(Duration::from_secs(2), self.audit.probe()).await, Ok(true));
+        let (in_use, waiting, idle) = self.backend.session_usage();
         crate::metrics::record_pool(in_use, waiting, idle);
-        crate::metrics::record_health(backend_ok, store_ok);
-        let ok = backend_ok && store_ok;
-        if last != Some(ok) {
-            let status = if ok {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            reporter.set_service_status("", status).await;
-            reporter.set_service_status(SERVICE_NAME, status).await;
-            if ok {
-                tracing::info!("health: SERVING");
-            } else {
-                let backend_error = match &backend_result {
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => e.to_string(),
-                    Ok(Ok(())) => String::new(),
-                };
-                let store_error = match &store_result {
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => "ping timed out".to_string(),
-                    Ok(Ok(())) => String::new(),
-                };
-                tracing::warn!(backend_ok, store_ok, %backend_error, %store_error, "health: NOT_SERVING");
-            }
-            last = Some(ok);
+        crate::metrics::record_health(backend_ok, store_ok && audit_ok);
+        let ok = backend_ok && store_ok && audit_ok;
+        if self.last == Some(ok) {
+            return;
         }
-        tokio::time::sleep(HEALTH_INTERVAL).await;
+        let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+        self.reporter.set_service_status("", status).await;
+        self.reporter.set_service_status(SERVICE_NAME, status).await;
+        if ok {
+            tracing::info!("health: SERVING");
+        } else {
+            let backend_error = match &backend_result {
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => e.to_string(),
+                Ok(Ok(())) => String::new(),
+            };
+            let store_error = match &store_result {
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "ping timed out".to_string(),
+                Ok(Ok(())) => String::new(),
+            };
+            tracing::warn!(backend_ok, store_ok, audit_ok, %backend_error, %store_error, "health: NOT_SERVING");
+        }
+        self.last = Some(ok);
     }
 }

@@ -46,8 +46,9 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    runtime.block_on(notes_store::server::run(
-        cfg,
-        svc_common::shutdown::signal(),
-    ))
+    runtime.block_on(async {
+        // Signal handlers go in before anything else, so no signal is ever missed.
+        let stop = svc_common::shutdown::signal();
+        notes_store::server::run(cfg, stop).await
+    })
 }

@@ -7,6 +7,9 @@
 // not in the helpers they share).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod audit;
+mod audit_kmsctl;
+mod audit_outage;
 mod bad_inputs;
 mod hsm_outage;
 mod lifecycle;

@@ -19,12 +19,14 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use kms_client::{KmsClient, KmsClientConfig, Zeroizing};
+use kms_client::{AuditClient, KmsClient, KmsClientConfig, Zeroizing};
 use kms_proto::kms::v1::key_management_service_client::KeyManagementServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// Client certificate names every test server's PKI contains.
-pub const CLIENTS: &[&str] = &["admin", "app", "notes-store"];
+pub const CLIENTS: &[&str] = &["admin", "app", "notes-store", "auditor"];
+/// The client that `ServerOptions::default()` lists in `[audit] readers`.
+pub const AUDITOR: &str = "auditor";
 pub const PIN: &str = "harness-user-pin-8472";
 const SO_PIN: &str = "harness-so-pin-8472";
 
@@ -62,6 +64,12 @@ pub struct ServerOptions {
     pub key_cache_ttl_ms: u64,
     pub max_sessions: usize,
     pub log_json: bool,
+    /// `[audit] checkpoint_every`: sign a checkpoint after this many events...
+    pub checkpoint_every: u64,
+    /// `[audit] checkpoint_interval_ms`: ...or after this long with new events.
+    pub checkpoint_interval_ms: u64,
+    /// `[audit] readers`: identities (SAN URI) allowed to call the AuditService.
+    pub audit_readers: Vec<String>,
 }
 
 impl Default for ServerOptions {
@@ -72,6 +80,9 @@ impl Default for ServerOptions {
             key_cache_ttl_ms: 2000,
             max_sessions: 2,
             log_json: false,
+            checkpoint_every: 1000,
+            checkpoint_interval_ms: 1000,
+            audit_readers: vec![kms_client::pki::client_uri(AUDITOR)],
         }
     }
 }
@@ -172,6 +183,11 @@ level = "info"
 
 [cache]
 key_ttl_ms = {ttl}
+
+[audit]
+checkpoint_every = {cp_every}
+checkpoint_interval_ms = {cp_interval}
+readers = [{readers}]
 "#,
             pki = self.pki_dir.display(),
             db = self.database_url,
@@ -180,6 +196,14 @@ key_ttl_ms = {ttl}
             sessions = o.max_sessions,
             fmt = if o.log_json { "json" } else { "text" },
             ttl = o.key_cache_ttl_ms,
+            cp_every = o.checkpoint_every,
+            cp_interval = o.checkpoint_interval_ms,
+            readers = o
+                .audit_readers
+                .iter()
+                .map(|r| format!("{r:?}"))
+                .collect::<Vec<_>>()
+                .join(", "),
         );
         std::fs::write(&self.config_path, text)?;
         Ok(())
@@ -250,6 +274,30 @@ key_ttl_ms = {ttl}
         )?;
         cfg.max_retries = 0;
         Ok(KmsClient::new(&cfg)?)
+    }
+
+    /// The audit client, authenticated as `client` (only `AUDITOR` may read by default).
+    pub fn audit_client(&self, client: &str) -> Result<AuditClient> {
+        Ok(self.client(client)?.audit())
+    }
+
+    /// The real `kmsctl` binary, pointed at this server as `client` (no `KMSCTL_*` variable
+    /// of the caller's environment leaks in). Add the subcommand and run it.
+    pub fn kmsctl(&self, client: &str) -> Result<Command> {
+        let (cert, key) = self.cert_paths(client);
+        let mut cmd = Command::new(binary("kmsctl")?);
+        for var in ["ENDPOINT", "CA", "CERT", "KEY", "SERVER_NAME"] {
+            cmd.env_remove(format!("KMSCTL_{var}"));
+        }
+        cmd.arg("--endpoint")
+            .arg(self.endpoint())
+            .arg("--ca")
+            .arg(self.pki_dir.join("ca.pem"))
+            .arg("--cert")
+            .arg(cert)
+            .arg("--key")
+            .arg(key);
+        Ok(cmd)
     }
 
     /// A raw tonic channel with the given client identity (PEM cert and key).

@@ -1,11 +1,18 @@
 //! kmsctl: command-line client of the KMS (see `kmsctl --help`). Parses the command line,
 //! runs one command, prints its report; on failure prints `error: <GRPC_CODE>: <message>`
-//! (or `error: <message>` for local failures) on stderr and exits with 1.
+//! (or `error: <message>` for local failures) on stderr and exits with 1. A verification
+//! that fails (`audit verify`) prints its verdict on stdout and also exits with 1.
 
+#[path = "kmsctl/audit.rs"]
+mod audit;
+#[path = "kmsctl/audit_cli.rs"]
+mod audit_cli;
 #[path = "kmsctl/cli.rs"]
 mod cli;
 #[path = "kmsctl/commands.rs"]
 mod commands;
+#[path = "kmsctl/disclosures.rs"]
+mod disclosures;
 #[path = "kmsctl/output.rs"]
 mod output;
 
@@ -30,7 +37,8 @@ fn main() -> ExitCode {
                 .write_all(report.render(cli.json).as_bytes())
                 .and_then(|()| stdout.flush())
             {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(()) if report.success() => ExitCode::SUCCESS,
+                Ok(()) => ExitCode::FAILURE,
                 Err(e) => fail(&anyhow::anyhow!("cannot write the output: {e}")),
             }
         }

@@ -107,6 +107,16 @@ pub trait KeyBackend: Send + Sync {
     fn destroy_key_version(&self, backend_ref: &[u8]) -> Result<(), BackendError>;
     /// Checks that the device answers (used by the health service).
     fn check_health(&self) -> Result<(), BackendError>;
+    /// The public half of the audit signing key (ECDSA P-256, private key inside the device,
+    /// created on first use), as the device reports it: an uncompressed SEC1 point, possibly
+    /// DER-wrapped (CKA_EC_POINT).
+    fn audit_public_key(&self) -> Result<Vec<u8>, BackendError> {
+        Err(BackendError::Internal(format!("{} backend cannot sign audit checkpoints", self.kind())))
+    }
+    /// Signs a SHA-256 digest with the audit signing key: raw r||s, 64 bytes.
+    fn sign_audit_digest(&self, _digest: &[u8; 32]) -> Result<Vec<u8>, BackendError> {
+        Err(BackendError::Internal(format!("{} backend cannot sign audit checkpoints", self.kind())))
+    }
     /// Device sessions (in use, waiting for one, idle), for metrics.
     fn session_usage(&self) -> (usize, usize, usize) {
         (0, 0, 0)

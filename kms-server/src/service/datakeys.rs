@@ -8,7 +8,7 @@ use kms_proto::kms::v1 as pb;
 use zeroize::Zeroizing;
 
 use super::validate::{self, KeyRef};
-use super::KmsService;
+use super::{Call, KmsService};
 use crate::backend::Sealed;
 use crate::context::EncryptionContext;
 use crate::envelope::{self, Envelope};
@@ -88,11 +88,13 @@ impl KmsService {
         &self,
         blob: &[u8],
         context: &EncryptionContext,
+        call: &Call,
     ) -> Result<(Zeroizing<Vec<u8>>, KeyRecord, u32), KmsError> {
         if blob.is_empty() {
             return Err(KmsError::invalid("ciphertext_blob is required"));
         }
         let env = Envelope::parse(blob).map_err(|e| KmsError::InvalidArgument(e.to_string()))?;
+        call.key(env.key_id, Some(env.key_version));
         if env.mechanism != self.inner.backend.mechanism() {
             return Err(KmsError::invalid(format!(
                 "ciphertext blob was sealed by another kind of backend ({:?}); this server uses {}",
@@ -122,11 +124,15 @@ impl KmsService {
     pub(super) async fn handle_generate_data_key(
         &self,
         req: pb::GenerateDataKeyRequest,
+        call: Call,
     ) -> Result<pb::GenerateDataKeyResponse, KmsError> {
         let key_ref = validate::key_ref("key", &req.key)?;
         let context = EncryptionContext::from_wire(&req.encryption_context)?;
+        call.context(&context);
         let key = self.resolve(&key_ref).await?;
+        call.key(key.key_id, None);
         let (version, aad) = self.seal_target(&key, &context).await?;
+        call.key(key.key_id, Some(version.version));
         let backend_ref = version.backend_ref;
         // Both HSM calls in one trip to the blocking pool: each trip costs a thread wake-up.
         let (data_key, sealed) = self
@@ -149,13 +155,17 @@ impl KmsService {
     pub(super) async fn handle_encrypt(
         &self,
         req: pb::EncryptRequest,
+        call: Call,
     ) -> Result<pb::EncryptResponse, KmsError> {
         let key_ref = validate::key_ref("key", &req.key)?;
         let plaintext = Zeroizing::new(req.plaintext);
         validate::plaintext(&plaintext)?;
         let context = EncryptionContext::from_wire(&req.encryption_context)?;
+        call.context(&context);
         let key = self.resolve(&key_ref).await?;
+        call.key(key.key_id, None);
         let sealed = self.seal_under(&key, &context, plaintext).await?;
+        call.key(key.key_id, Some(sealed.key_version));
         Ok(pb::EncryptResponse {
             ciphertext_blob: sealed.blob,
             key_id: sealed.key_id,
@@ -166,13 +176,18 @@ impl KmsService {
     pub(super) async fn handle_decrypt(
         &self,
         req: pb::DecryptRequest,
+        call: Call,
     ) -> Result<pb::DecryptResponse, KmsError> {
         let context = EncryptionContext::from_wire(&req.encryption_context)?;
+        call.context(&context);
         if let Some(audit) = &req.audit {
             validate::audit_field("audit.acting_user", &audit.acting_user)?;
             validate::audit_field("audit.purpose", &audit.purpose)?;
+            call.actor(&audit.acting_user, &audit.purpose);
         }
-        let (plaintext, key, version) = self.open_blob(&req.ciphertext_blob, &context).await?;
+        let (plaintext, key, version) = self
+            .open_blob(&req.ciphertext_blob, &context, &call)
+            .await?;
         Ok(pb::DecryptResponse {
             plaintext: plaintext.to_vec(),
             key_id: key.key_id.to_string(),
@@ -183,8 +198,10 @@ impl KmsService {
     pub(super) async fn handle_re_encrypt(
         &self,
         req: pb::ReEncryptRequest,
+        call: Call,
     ) -> Result<pb::ReEncryptResponse, KmsError> {
         let source_context = EncryptionContext::from_wire(&req.source_encryption_context)?;
+        call.context(&source_context);
         let dest_context = if req.destination_context_set {
             EncryptionContext::from_wire(&req.destination_encryption_context)?
         } else {
@@ -203,15 +220,17 @@ impl KmsService {
         if let Some(audit) = &req.audit {
             validate::audit_field("audit.acting_user", &audit.acting_user)?;
             validate::audit_field("audit.purpose", &audit.purpose)?;
+            call.actor(&audit.acting_user, &audit.purpose);
         }
         let (plaintext, source_key, source_version) = self
-            .open_blob(&req.ciphertext_blob, &source_context)
+            .open_blob(&req.ciphertext_blob, &source_context, &call)
             .await?;
         let dest_key = match dest_ref {
             None => self.key_by_id(source_key.key_id).await?,
             Some(r @ (KeyRef::Id(_) | KeyRef::Alias(_))) => self.resolve(&r).await?,
         };
         let sealed = self.seal_under(&dest_key, &dest_context, plaintext).await?;
+        call.detail(format!("re-encrypted to key {} version {}", sealed.key_id, sealed.key_version));
         Ok(pb::ReEncryptResponse {
             ciphertext_blob: sealed.blob,
             source_key_id: source_key.key_id.to_string(),

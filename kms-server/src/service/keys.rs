@@ -4,7 +4,7 @@ use kms_proto::kms::v1 as pb;
 use uuid::Uuid;
 
 use super::validate::{self, KeyRef};
-use super::{metadata, KmsService};
+use super::{metadata, Call, KmsService};
 use crate::error::KmsError;
 use crate::store::{KeyRecord, KeyState, KeyVersionRecord, VersionState};
 
@@ -24,6 +24,7 @@ impl KmsService {
     pub(super) async fn handle_create_key(
         &self,
         req: pb::CreateKeyRequest,
+        call: Call,
     ) -> Result<pb::CreateKeyResponse, KmsError> {
         let alias = if req.alias.is_empty() {
             None
@@ -40,6 +41,7 @@ impl KmsService {
             }
         }
         let key_id = Uuid::new_v4();
+        call.key(key_id, Some(1));
         let name = version_object_name(key_id, 1);
         let backend_ref = self
             .blocking(move |b| Ok(b.create_key_version(&name)?))
@@ -80,10 +82,12 @@ impl KmsService {
     pub(super) async fn handle_describe_key(
         &self,
         req: pb::DescribeKeyRequest,
+        call: Call,
     ) -> Result<pb::DescribeKeyResponse, KmsError> {
         let key_ref = validate::key_ref("key", &req.key)?;
         // Administrative reads go to the database so they show the latest state.
         let key = self.resolve_uncached(&key_ref).await?;
+        call.key(key.key_id, None);
         Ok(pb::DescribeKeyResponse {
             key: Some(metadata(&key)),
         })
@@ -113,9 +117,11 @@ impl KmsService {
         &self,
         key: &str,
         state: KeyState,
+        call: Call,
     ) -> Result<pb::KeyMetadata, KmsError> {
         let key_ref = validate::key_ref("key", key)?;
         let current = self.resolve_uncached(&key_ref).await?;
+        call.key(current.key_id, None);
         if current.state == KeyState::PendingDeletion {
             return Err(KmsError::FailedPrecondition(format!(
                 "key {} is pending deletion; cancel the deletion first",

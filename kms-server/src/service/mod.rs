@@ -5,6 +5,7 @@
 //! The handlers live in `keys.rs` (key administration) and `datakeys.rs` (cryptography).
 
 mod cache;
+mod call;
 mod datakeys;
 mod keys;
 pub mod validate;
@@ -19,10 +20,12 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::audit::AuditLog;
 use crate::backend::KeyBackend;
 use crate::error::KmsError;
 use crate::store::{KeyRecord, KeyState, KeyStore, KeyVersionRecord};
 use cache::KeyCache;
+pub use call::Call;
 use validate::KeyRef;
 
 /// The key service. Cheap to clone.
@@ -35,18 +38,21 @@ struct Inner {
     store: Arc<dyn KeyStore>,
     backend: Arc<dyn KeyBackend>,
     cache: KeyCache,
+    audit: AuditLog,
 }
 
 impl KmsService {
     pub fn new(
         store: Arc<dyn KeyStore>,
         backend: Arc<dyn KeyBackend>,
+        audit: AuditLog,
         key_cache_ttl: Duration,
     ) -> Self {
         KmsService {
             inner: Arc::new(Inner {
                 store,
                 backend,
+                audit,
                 cache: KeyCache::new(key_cache_ttl),
             }),
         }
@@ -154,20 +160,54 @@ fn request_id<T>(req: &Request<T>) -> String {
         .unwrap_or_else(|| Uuid::new_v4().to_string())
 }
 
-/// Request id, tracing span, metrics and error conversion around one handler.
-async fn observe<Req, Res, Fut>(
+impl KmsService {
+    async fn observe<Req, Res, Fut>(
+        &self,
+        rpc: &'static str,
+        req: Request<Req>,
+        handler: impl FnOnce(Request<Req>, Call) -> Fut,
+    ) -> Result<Response<Res>, Status>
+    where
+        Fut: Future<Output = Result<Res, KmsError>>,
+    {
+        observe(&self.inner.audit, rpc, req, handler).await
+    }
+}
+
+/// Request id, tracing span, audit, metrics and error conversion around one handler.
+///
+/// The audit event is durably committed BEFORE the answer leaves: if it cannot be stored, the
+/// caller gets UNAVAILABLE instead of the result (fail closed), whatever the handler decided.
+pub(crate) async fn observe<Req, Res, Fut>(
+    audit: &AuditLog,
     rpc: &'static str,
     req: Request<Req>,
-    handler: impl FnOnce(Request<Req>) -> Fut,
+    handler: impl FnOnce(Request<Req>, Call) -> Fut,
 ) -> Result<Response<Res>, Status>
 where
     Fut: Future<Output = Result<Res, KmsError>>,
 {
     let started = Instant::now();
     let rid = request_id(&req);
-    let peer = crate::auth::peer_name(&req);
+    let identity = crate::auth::peer_identity(&req);
+    let peer = identity.as_ref().map_or("<unauthenticated>", |i| i.name.as_str()).to_string();
     let span = tracing::info_span!("rpc", rpc, request_id = %rid, peer = %peer);
-    let result = handler(req).instrument(span.clone()).await;
+    let call = Call::new(identity, rid.clone());
+    let mut result = handler(req, call.clone()).instrument(span.clone()).await;
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(e) => e.code(),
+    };
+    let detail = match &result {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string().chars().take(256).collect(),
+    };
+    let latency_us = started.elapsed().as_micros() as u64;
+    let fields = call.into_fields(rpc, crate::error::code_name(code), latency_us, detail);
+    if let Err(e) = audit.record(fields).await {
+        span.in_scope(|| tracing::error!(error = %e, "audit record failed; refusing the answer"));
+        result = Err(e);
+    }
     let code = match &result {
         Ok(_) => tonic::Code::Ok,
         Err(e) => e.code(),
@@ -190,14 +230,14 @@ impl KeyManagementService for KmsService {
         &self,
         r: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        observe("CreateKey", r, |r| self.handle_create_key(r.into_inner())).await
+        self.observe("CreateKey", r, |r, call| self.handle_create_key(r.into_inner(), call)).await
     }
     async fn describe_key(
         &self,
         r: Request<pb::DescribeKeyRequest>,
     ) -> Result<Response<pb::DescribeKeyResponse>, Status> {
-        observe("DescribeKey", r, |r| {
-            self.handle_describe_key(r.into_inner())
+        self.observe("DescribeKey", r, |r, call| {
+            self.handle_describe_key(r.into_inner(), call)
         })
         .await
     }
@@ -205,15 +245,15 @@ impl KeyManagementService for KmsService {
         &self,
         r: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        observe("ListKeys", r, |r| self.handle_list_keys(r.into_inner())).await
+        self.observe("ListKeys", r, |r, _call| self.handle_list_keys(r.into_inner())).await
     }
     async fn enable_key(
         &self,
         r: Request<pb::EnableKeyRequest>,
     ) -> Result<Response<pb::EnableKeyResponse>, Status> {
-        observe("EnableKey", r, |r| async move {
+        self.observe("EnableKey", r, |r, call| async move {
             let key = self
-                .handle_set_state(&r.into_inner().key, KeyState::Enabled)
+                .handle_set_state(&r.into_inner().key, KeyState::Enabled, call)
                 .await?;
             Ok(pb::EnableKeyResponse { key: Some(key) })
         })
@@ -223,9 +263,9 @@ impl KeyManagementService for KmsService {
         &self,
         r: Request<pb::DisableKeyRequest>,
     ) -> Result<Response<pb::DisableKeyResponse>, Status> {
-        observe("DisableKey", r, |r| async move {
+        self.observe("DisableKey", r, |r, call| async move {
             let key = self
-                .handle_set_state(&r.into_inner().key, KeyState::Disabled)
+                .handle_set_state(&r.into_inner().key, KeyState::Disabled, call)
                 .await?;
             Ok(pb::DisableKeyResponse { key: Some(key) })
         })
@@ -235,8 +275,8 @@ impl KeyManagementService for KmsService {
         &self,
         r: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
-        observe("GenerateDataKey", r, |r| {
-            self.handle_generate_data_key(r.into_inner())
+        self.observe("GenerateDataKey", r, |r, call| {
+            self.handle_generate_data_key(r.into_inner(), call)
         })
         .await
     }
@@ -244,13 +284,13 @@ impl KeyManagementService for KmsService {
         &self,
         r: Request<pb::GenerateDataKeyWithoutPlaintextRequest>,
     ) -> Result<Response<pb::GenerateDataKeyWithoutPlaintextResponse>, Status> {
-        observe("GenerateDataKeyWithoutPlaintext", r, |r| async move {
+        self.observe("GenerateDataKeyWithoutPlaintext", r, |r, call| async move {
             let r = r.into_inner();
             let full = self
                 .handle_generate_data_key(pb::GenerateDataKeyRequest {
                     key: r.key,
                     encryption_context: r.encryption_context,
-                })
+                }, call)
                 .await?;
             // `full.plaintext` is dropped here; prost buffers are plain Vec, so wipe it.
             let mut plaintext = full.plaintext;
@@ -267,18 +307,18 @@ impl KeyManagementService for KmsService {
         &self,
         r: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
-        observe("Encrypt", r, |r| self.handle_encrypt(r.into_inner())).await
+        self.observe("Encrypt", r, |r, call| self.handle_encrypt(r.into_inner(), call)).await
     }
     async fn decrypt(
         &self,
         r: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
-        observe("Decrypt", r, |r| self.handle_decrypt(r.into_inner())).await
+        self.observe("Decrypt", r, |r, call| self.handle_decrypt(r.into_inner(), call)).await
     }
     async fn re_encrypt(
         &self,
         r: Request<pb::ReEncryptRequest>,
     ) -> Result<Response<pb::ReEncryptResponse>, Status> {
-        observe("ReEncrypt", r, |r| self.handle_re_encrypt(r.into_inner())).await
+        self.observe("ReEncrypt", r, |r, call| self.handle_re_encrypt(r.into_inner(), call)).await
     }
 }

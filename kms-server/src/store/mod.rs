@@ -13,8 +13,14 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use uuid::Uuid;
 
+use crate::audit::AuditStore;
+
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
+
+// The error mapping of each database, for the audit store (same pool, same errors).
+pub(crate) use postgres::map_err as map_postgres_err;
+pub(crate) use sqlite::map_err as map_sqlite_err;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -157,18 +163,26 @@ pub trait KeyStore: Send + Sync {
 /// Opens the store named by `url`: `sqlite:<path>` (created with mode 0600 if missing) or
 /// `postgres://…` / `postgresql://…`. Runs migrations.
 pub async fn connect(url: &str) -> Result<Arc<dyn KeyStore>, StoreError> {
-    let store: Arc<dyn KeyStore> =
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Arc::new(PostgresStore::connect(url).await?)
-        } else if url.starts_with("sqlite:") {
-            Arc::new(SqliteStore::connect(url).await?)
-        } else {
-            return Err(StoreError::Internal(
-                "database url must start with sqlite: or postgres://".to_string(),
-            ));
-        };
-    store.migrate().await?;
-    Ok(store)
+    connect_both(url).await.map(|(keys, _)| keys)
+}
+
+/// As [`connect`], and the same store (one pool, one database) as the audit store too.
+pub async fn connect_both(
+    url: &str,
+) -> Result<(Arc<dyn KeyStore>, Arc<dyn AuditStore>), StoreError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let store = Arc::new(PostgresStore::connect(url).await?);
+        store.migrate().await?;
+        Ok((store.clone(), store))
+    } else if url.starts_with("sqlite:") {
+        let store = Arc::new(SqliteStore::connect(url).await?);
+        store.migrate().await?;
+        Ok((store.clone(), store))
+    } else {
+        Err(StoreError::Internal(
+            "database url must start with sqlite: or postgres://".to_string(),
+        ))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -55,6 +55,11 @@ impl PostgresStore {
             .map_err(map_err)?;
         Ok(PostgresStore { pool })
     }
+
+    /// The connection pool, shared with the audit store (`crate::audit`).
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
 }
 
 #[async_trait]
@@ -294,7 +299,7 @@ fn version_from_row(row: &PgRow) -> Result<KeyVersionRecord, StoreError> {
 }
 
 /// sqlx error → `StoreError` (see `super::map_sqlx_err`).
-fn map_err(err: sqlx::Error) -> StoreError {
+pub(crate) fn map_err(err: sqlx::Error) -> StoreError {
     super::map_sqlx_err(err, map_database_err)
 }
 
@@ -306,6 +311,8 @@ fn map_database_err(db: &dyn sqlx::error::DatabaseError) -> StoreError {
             Some("keys_alias_unique") => "a key with this alias already exists",
             Some("keys_pkey") => "a key with this id already exists",
             Some("key_versions_pkey") => "this key version already exists",
+            Some("audit_events_pkey") => "this audit event seq is already stored",
+            Some("audit_checkpoints_pkey") => "a checkpoint of this seq is already stored",
             _ => "a uniqueness constraint was violated",
         };
         return StoreError::Conflict(what.to_string());

@@ -96,6 +96,11 @@ impl SqliteStore {
         }
         Ok(SqliteStore { pool })
     }
+
+    /// The connection pool, shared with the audit store (`crate::audit`).
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
 }
 
 #[async_trait]
@@ -348,7 +353,7 @@ fn parse_key_id(text: &str) -> Result<Uuid, StoreError> {
 }
 
 /// sqlx error → `StoreError` (see `super::map_sqlx_err`).
-fn map_err(err: sqlx::Error) -> StoreError {
+pub(crate) fn map_err(err: sqlx::Error) -> StoreError {
     super::map_sqlx_err(err, map_database_err)
 }
 
@@ -357,7 +362,11 @@ fn map_database_err(db: &dyn sqlx::error::DatabaseError) -> StoreError {
     if db.is_unique_violation() {
         // SQLite names the columns, never the values: "UNIQUE constraint failed: keys.alias".
         let message = db.message();
-        let what = if message.contains("key_versions.") {
+        let what = if message.contains("audit_events.") {
+            "this audit event seq is already stored"
+        } else if message.contains("audit_checkpoints.") {
+            "a checkpoint of this seq is already stored"
+        } else if message.contains("key_versions.") {
             "this key version already exists"
         } else if message.contains("keys.alias") {
             "a key with this alias already exists"
@@ -374,9 +383,10 @@ fn map_database_err(db: &dyn sqlx::error::DatabaseError) -> StoreError {
         .and_then(|code| code.parse::<i32>().ok())
         .map(|code| code & 0xff);
     match primary {
-        // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN,
-        // SQLITE_PROTOCOL: the database is there but cannot serve now.
-        Some(5 | 6 | 10 | 13 | 14 | 15) => {
+        // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_READONLY (file, directory or file system made
+        // read-only), SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN, SQLITE_PROTOCOL: the database
+        // is there but cannot serve now.
+        Some(5 | 6 | 8 | 10 | 13 | 14 | 15) => {
             StoreError::Unavailable(format!("sqlite: {}", db.message()))
         }
         _ => StoreError::Internal(format!("sqlite: {}", db.message())),

@@ -8,6 +8,7 @@
 //! sharing one or a few HTTP/2 connections. Progress goes to stderr; stdout carries one JSON
 //! line per benchmark. Client and server share the machine's cores: the figures say so.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,8 +19,8 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, KeyType, ObjectClass};
-use cryptoki::session::UserType;
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 use kms_proto::kms::v1 as pb;
 use kms_proto::kms::v1::key_management_service_client::KeyManagementServiceClient;
@@ -64,6 +65,12 @@ struct Args {
     /// The server's HSM session pool size (`backend.max_sessions`).
     #[arg(long, default_value_t = 2)]
     hsm_sessions: usize,
+    /// Worker threads of the load generator's tokio runtime (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    client_threads: usize,
+    /// Which benchmarks to run.
+    #[arg(long, value_enum, default_value_t = Which::All)]
+    bench: Which,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -82,6 +89,13 @@ fn parse_channels(s: &str) -> Result<Channels, String> {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Which {
+    All,
+    GenerateDataKey,
+    Decrypt,
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.streams == 0 || args.seconds == 0 {
@@ -97,10 +111,11 @@ fn main() -> Result<()> {
     if !server_bin.components().any(|c| c.as_os_str() == "release") {
         eprintln!("kms-bench: WARNING: the server binary is not from a release directory");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("tokio runtime")?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if args.client_threads > 0 {
+        runtime.worker_threads(args.client_threads);
+    }
+    let runtime = runtime.enable_all().build().context("tokio runtime")?;
     runtime.block_on(run(args))
 }
 
@@ -117,7 +132,10 @@ fn server_binary(flag: Option<&Path>) -> Result<PathBuf> {
     if sibling.exists() {
         return Ok(sibling);
     }
-    bail!("no kms-server next to {}: build it (cargo build --release -p kms-server) or pass --server-bin", exe.display())
+    bail!(
+        "no kms-server next to {}: build it (cargo build --release -p kms-server) or pass --server-bin",
+        exe.display()
+    )
 }
 
 type Client = KeyManagementServiceClient<Channel>;
@@ -132,22 +150,25 @@ async fn run(args: Args) -> Result<()> {
         .context("starting kms-server")?;
     let server_pid = server.pid().ok_or_else(|| anyhow!("server has no pid"))?;
     eprintln!(
-        "kms-bench: kms-server pid {server_pid} on {} ({} HSM sessions)",
-        server.addr, args.hsm_sessions
+        "kms-bench: kms-server pid {server_pid} on {} ({} HSM sessions); {} cores, load average {}",
+        server.addr,
+        args.hsm_sessions,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        load_average(),
     );
 
     // The ceiling first, with the server idle.
     let conf = server.token_dir.join("softhsm2.conf");
-    let ceiling_secs = args.ceiling_seconds.max(1);
-    let ceiling =
-        tokio::task::spawn_blocking(move || hsm_ceiling(&conf, Duration::from_secs(ceiling_secs)))
-            .await
-            .context("ceiling task")??;
-    eprintln!(
-        "kms-bench: HSM ceiling (C_Encrypt AES-GCM, 32 B, 1 thread, {ceiling_secs} s): {:.0} ops/s, {:.1} µs/op",
-        ceiling,
-        1e6 / ceiling
-    );
+    let ceiling_time = Duration::from_secs(args.ceiling_seconds.max(1));
+    let (hsm, ceiling) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let hsm = Ceiling::open(&conf)?;
+        let rate = hsm.measure(ceiling_time)?;
+        Ok((hsm, rate))
+    })
+    .await
+    .context("ceiling task")??;
 
     let mut admin = server.raw("app").await?;
     let key_id = admin
@@ -207,43 +228,56 @@ async fn run(args: Args) -> Result<()> {
         seconds: args.seconds,
     };
 
-    // GenerateDataKey.
-    let cpu = CpuMeter::start(server_pid);
-    let gdk = load.run(&clients, gdk_op).await?;
-    report(
-        "kms_generate_data_key",
-        &args,
-        channels,
-        ceiling,
-        &gdk,
-        cpu.stop(),
-    )?;
-
-    // Decrypt: one blob per stream, each under its own context.
-    let mut blobs = Vec::with_capacity(args.streams);
-    for i in 0..args.streams {
-        let context = stream_context(i);
-        let dk = admin
-            .generate_data_key(pb::GenerateDataKeyRequest {
-                key: key_id.clone(),
-                encryption_context: context.clone(),
-            })
-            .await?
-            .into_inner();
-        blobs.push((dk.ciphertext_blob, context, dk.plaintext));
+    let mut failed = 0;
+    if args.bench != Which::Decrypt {
+        let cpu = CpuMeter::start(server_pid);
+        let r = load.run(&clients, gdk_op).await?;
+        report(
+            "kms_generate_data_key",
+            &args,
+            channels,
+            ceiling,
+            &r,
+            cpu.stop(),
+        )?;
+        failed += r.errors;
     }
-    let cpu = CpuMeter::start(server_pid);
-    let dec = load
-        .run(
-            &clients,
-            Op::Decrypt {
-                blobs: Arc::new(blobs),
-            },
-        )
-        .await?;
-    report("kms_decrypt", &args, channels, ceiling, &dec, cpu.stop())?;
+    if args.bench != Which::GenerateDataKey {
+        // One blob per stream, each under its own context.
+        let mut blobs = Vec::with_capacity(args.streams);
+        for i in 0..args.streams {
+            let context = stream_context(i);
+            let dk = admin
+                .generate_data_key(pb::GenerateDataKeyRequest {
+                    key: key_id.clone(),
+                    encryption_context: context.clone(),
+                })
+                .await?
+                .into_inner();
+            blobs.push((dk.ciphertext_blob, context, dk.plaintext));
+        }
+        let cpu = CpuMeter::start(server_pid);
+        let r = load
+            .run(
+                &clients,
+                Op::Decrypt {
+                    blobs: Arc::new(blobs),
+                },
+            )
+            .await?;
+        report("kms_decrypt", &args, channels, ceiling, &r, cpu.stop())?;
+        failed += r.errors;
+    }
 
-    let failed = gdk.errors + dec.errors;
+    // Not used in the ratios: shows how much the machine's speed drifted during the run.
+    let after = tokio::task::spawn_blocking(move || hsm.measure(Duration::from_secs(1)))
+        .await
+        .context("ceiling task")??;
+    eprintln!(
+        "kms-bench: HSM ceiling again after the load (1 s, drift check only): {after:.0} ops/s \
+         ({:+.0}%)",
+        (after / ceiling - 1.0) * 100.0
+    );
     if failed > 0 {
         bail!(
             "{failed} requests failed; server log: {}",
@@ -262,96 +296,148 @@ async fn connect(server: &KmsServer, n: usize) -> Result<Vec<Client>> {
     Ok(clients)
 }
 
-fn stream_context(i: usize) -> std::collections::HashMap<String, String> {
+fn stream_context(i: usize) -> HashMap<String, String> {
     let client = format!("client-{i:04}");
     let note = format!("note-{i:06}");
     wire_ctx(&[("site", "bench"), ("client", &client), ("note", &note)])
 }
 
-/// The raw HSM rate: a single-thread C_Encrypt(CKM_AES_GCM) loop on the server's token.
-fn hsm_ceiling(softhsm_conf: &Path, duration: Duration) -> Result<f64> {
-    // SoftHSM reads its configuration in C_Initialize; this process has not loaded it yet.
-    std::env::set_var("SOFTHSM2_CONF", softhsm_conf);
-    let module = kms_tests::pkcs11_module();
-    let ctx = Pkcs11::new(&module).with_context(|| format!("loading {}", module.display()))?;
-    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-        .context("C_Initialize")?;
-    let slot = ctx
-        .get_slots_with_initialized_token()?
-        .into_iter()
-        .find(|s| {
-            ctx.get_token_info(*s)
-                .map(|i| i.label().trim_end() == TOKEN_LABEL)
-                .unwrap_or(false)
-        })
-        .ok_or_else(|| {
-            anyhow!(
-                "no token labelled {TOKEN_LABEL} in {}",
-                softhsm_conf.display()
-            )
-        })?;
-    let session = ctx.open_rw_session(slot)?;
-    match session.login(UserType::User, Some(&AuthPin::from(PIN))) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-        Err(e) => return Err(e).context("C_Login"),
-    }
-    // The server's master-key template: a token object, sensitive, never extractable.
-    let label = b"kms-bench-ceiling".to_vec();
-    let template = [
-        Attribute::Class(ObjectClass::SECRET_KEY),
-        Attribute::KeyType(KeyType::AES),
-        Attribute::ValueLen(32.into()),
-        Attribute::Token(true),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Modifiable(false),
-        Attribute::Encrypt(true),
-        Attribute::Decrypt(true),
-        Attribute::Sign(false),
-        Attribute::Verify(false),
-        Attribute::Derive(false),
-        Attribute::Wrap(false),
-        Attribute::Unwrap(false),
-        Attribute::Label(label.clone()),
-        Attribute::Id(label),
-    ];
-    let key = session
-        .generate_key(&Mechanism::AesKeyGen, &template)
-        .context("generating the ceiling key")?;
+/// The 1-minute load average, for the record.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
 
-    let mut aad = [0u8; CEILING_AAD_LEN];
-    let mut data = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut aad);
-    rand::rngs::OsRng.fill_bytes(&mut data);
-    let seal = || -> Result<()> {
-        let mut iv = [0u8; 12];
-        rand::rngs::OsRng.fill_bytes(&mut iv);
-        let params = GcmParams::new(&mut iv, &aad, 128.into())?;
-        let out = session.encrypt(&Mechanism::AesGcm(params), key, &data)?;
-        if out.len() != 48 {
-            bail!("AES-GCM of 32 bytes gave {} bytes", out.len());
+/// A session on the server's token with a throwaway AES-256 key, for the raw HSM rate. The
+/// key is a token object with the server's master-key template (sensitive, never extractable)
+/// and is destroyed on drop.
+struct Ceiling {
+    session: Session,
+    key: ObjectHandle,
+    // Keeps the module initialised while the session lives (fields drop in this order).
+    _ctx: Pkcs11,
+}
+
+impl Ceiling {
+    /// Loads the PKCS#11 module for the token at `softhsm_conf`. Once per process.
+    fn open(softhsm_conf: &Path) -> Result<Ceiling> {
+        // SoftHSM reads its configuration in C_Initialize; this process has not loaded it yet.
+        std::env::set_var("SOFTHSM2_CONF", softhsm_conf);
+        let module = kms_tests::pkcs11_module();
+        let ctx = Pkcs11::new(&module).with_context(|| format!("loading {}", module.display()))?;
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .context("C_Initialize")?;
+        let slot = ctx
+            .get_slots_with_initialized_token()?
+            .into_iter()
+            .find(|s| {
+                ctx.get_token_info(*s)
+                    .map(|i| i.label().trim_end() == TOKEN_LABEL)
+                    .unwrap_or(false)
+            })
+            .ok_or_else(|| {
+                anyhow!(
+                    "no token labelled {TOKEN_LABEL} in {}",
+                    softhsm_conf.display()
+                )
+            })?;
+        let session = ctx.open_rw_session(slot)?;
+        match session.login(UserType::User, Some(&AuthPin::from(PIN))) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(e) => return Err(e).context("C_Login"),
         }
-        Ok(())
-    };
-    for _ in 0..500 {
-        seal()?;
+        let label = b"kms-bench-ceiling".to_vec();
+        let template = [
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::ValueLen(32.into()),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Modifiable(false),
+            Attribute::Encrypt(true),
+            Attribute::Decrypt(true),
+            Attribute::Sign(false),
+            Attribute::Verify(false),
+            Attribute::Derive(false),
+            Attribute::Wrap(false),
+            Attribute::Unwrap(false),
+            Attribute::Label(label.clone()),
+            Attribute::Id(label),
+        ];
+        let key = session
+            .generate_key(&Mechanism::AesKeyGen, &template)
+            .context("generating the ceiling key")?;
+        Ok(Ceiling {
+            _ctx: ctx,
+            session,
+            key,
+        })
     }
-    let started = Instant::now();
-    let mut ops = 0u64;
-    while started.elapsed() < duration {
-        seal()?;
-        ops += 1;
+
+    /// Single-thread C_Encrypt(CKM_AES_GCM) rate over `duration`: 32 bytes, a fresh random
+    /// 96-bit IV per call (as the server does), 128-bit tag, server-sized AAD.
+    fn measure(&self, duration: Duration) -> Result<f64> {
+        let mut aad = [0u8; CEILING_AAD_LEN];
+        let mut data = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut aad);
+        rand::rngs::OsRng.fill_bytes(&mut data);
+        let seal = || -> Result<()> {
+            let mut iv = [0u8; 12];
+            rand::rngs::OsRng.fill_bytes(&mut iv);
+            let params = GcmParams::new(&mut iv, &aad, 128.into())?;
+            let out = self
+                .session
+                .encrypt(&Mechanism::AesGcm(params), self.key, &data)?;
+            if out.len() != 48 {
+                bail!("AES-GCM of 32 bytes gave {} bytes", out.len());
+            }
+            Ok(())
+        };
+        for _ in 0..500 {
+            seal()?;
+        }
+        // One-second slices, to show how steady the machine is.
+        let started = Instant::now();
+        let mut ops = 0u64;
+        let mut slices = Vec::new();
+        while started.elapsed() < duration {
+            let slice_start = Instant::now();
+            let mut n = 0u64;
+            while slice_start.elapsed() < Duration::from_secs(1) && started.elapsed() < duration {
+                seal()?;
+                n += 1;
+            }
+            ops += n;
+            slices.push(n as f64 / slice_start.elapsed().as_secs_f64());
+        }
+        let rate = ops as f64 / started.elapsed().as_secs_f64();
+        let (lo, hi) = slices
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        eprintln!(
+            "kms-bench: HSM ceiling (C_Encrypt CKM_AES_GCM, 32 B, 1 thread, {:.0} s): {rate:.0} ops/s \
+             ({:.1} µs/op; 1-s slices {lo:.0}..{hi:.0})",
+            duration.as_secs_f64(),
+            1e6 / rate
+        );
+        Ok(rate)
     }
-    let rate = ops as f64 / started.elapsed().as_secs_f64();
-    session
-        .destroy_object(key)
-        .context("destroying the ceiling key")?;
-    Ok(rate)
+}
+
+impl Drop for Ceiling {
+    fn drop(&mut self) {
+        if let Err(e) = self.session.destroy_object(self.key) {
+            eprintln!("kms-bench: could not destroy the ceiling key: {e}");
+        }
+    }
 }
 
 /// A blob to decrypt: (blob, context, expected plaintext).
-type DecryptCase = (Vec<u8>, std::collections::HashMap<String, String>, Vec<u8>);
+type DecryptCase = (Vec<u8>, HashMap<String, String>, Vec<u8>);
 
 /// What each stream sends.
 #[derive(Clone)]
@@ -359,7 +445,7 @@ enum Op {
     /// Stream `i` uses `contexts[i % len]`.
     GenerateDataKey {
         key: String,
-        contexts: Arc<Vec<std::collections::HashMap<String, String>>>,
+        contexts: Arc<Vec<HashMap<String, String>>>,
     },
     /// Stream `i` decrypts `blobs[i % len]`: (blob, context, expected plaintext).
     Decrypt { blobs: Arc<Vec<DecryptCase>> },

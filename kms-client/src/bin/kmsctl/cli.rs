@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use kms_client::EncryptionContext;
 
+use crate::audit_cli::AuditCommand;
+
 /// Command-line client of the KMS (kms.v1 over mutual TLS).
 ///
 /// Connection options can be given anywhere on the line or through the environment.
@@ -50,7 +52,7 @@ pub struct Cli {
     #[arg(long, value_name = "MS", default_value_t = 5000, global = true)]
     pub timeout_ms: u64,
 
-    /// Print one JSON object instead of text.
+    /// Print one JSON object instead of text (`audit query`/`tail`: one per event).
     #[arg(long, global = true)]
     pub json: bool,
 
@@ -74,6 +76,10 @@ pub enum Command {
     /// Re-wrap a blob under another key and/or context without revealing the plaintext.
     #[command(name = "reencrypt")]
     ReEncrypt(ReEncryptArgs),
+    /// The audit log (needs an identity listed in the server's `[audit] readers`, except
+    /// `audit verify --in`, which works offline).
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Development PKI (no server needed).
     #[command(subcommand)]
     Pki(PkiCommand),

@@ -8,6 +8,8 @@ use kms_client::{pki, KmsClient, KmsClientConfig, Zeroizing};
 use serde_json::json;
 
 use crate::{
+    audit::{self, verify_offline},
+    audit_cli::AuditCommand,
     cli::{
         to_context, Cli, Command, DatakeyCommand, DecryptArgs, EncryptArgs, KeyCommand, PkiCommand,
         ReEncryptArgs,
@@ -17,8 +19,15 @@ use crate::{
 
 /// Runs the command named on the command line.
 pub async fn run(cli: &Cli) -> anyhow::Result<Report> {
-    if let Command::Pki(PkiCommand::Init { dir, clients }) = &cli.command {
-        return pki_init(dir, &cli.server_names, clients);
+    match &cli.command {
+        Command::Pki(PkiCommand::Init { dir, clients }) => {
+            return pki_init(dir, &cli.server_names, clients);
+        }
+        // Offline: no connection, not even the TLS material.
+        Command::Audit(AuditCommand::Verify(args)) if !args.server => {
+            return verify_offline(args, cli.json);
+        }
+        _ => {}
     }
     let kms = connect(cli)?;
     match &cli.command {
@@ -52,6 +61,7 @@ pub async fn run(cli: &Cli) -> anyhow::Result<Report> {
         Command::Encrypt(args) => encrypt(&kms, args).await,
         Command::Decrypt(args) => decrypt(&kms, args, cli.json).await,
         Command::ReEncrypt(args) => re_encrypt(&kms, args).await,
+        Command::Audit(command) => audit::run(&kms.audit(), command, cli.json).await,
         Command::Pki(_) => bail!("unreachable: pki handled above"),
     }
 }

@@ -1,5 +1,5 @@
-//! kmsctl's output: a command yields a `Report` (ordered fields or a key table), printed
-//! either as aligned text or as one JSON object.
+//! kmsctl's output: a command yields a `Report` (ordered fields, a key table, or text it
+//! rendered itself), printed either as aligned text or as JSON.
 
 use base64::{engine::general_purpose::STANDARD, Engine};
 use kms_client::KeyMetadata;
@@ -12,6 +12,9 @@ pub enum Report {
     Fields(Vec<(&'static str, Value)>),
     /// A table of keys / `{"keys": [...]}`.
     Keys(Vec<KeyMetadata>),
+    /// Text the command rendered itself (in the form `--json` asked for), and whether the
+    /// command succeeded: a failed verification prints its verdict and exits with 1.
+    Rendered { text: String, success: bool },
 }
 
 impl Report {
@@ -31,6 +34,15 @@ impl Report {
                 format!("{}\n", json!({ "keys": keys }))
             }
             (Report::Keys(keys), false) => render_table(keys),
+            (Report::Rendered { text, .. }, _) => text.clone(),
+        }
+    }
+
+    /// False when kmsctl must exit with 1 after printing the report.
+    pub fn success(&self) -> bool {
+        match self {
+            Report::Rendered { success, .. } => *success,
+            Report::Fields(_) | Report::Keys(_) => true,
         }
     }
 }
@@ -100,10 +112,10 @@ fn render_fields(fields: &[(&'static str, Value)]) -> String {
 
 fn render_table(keys: &[KeyMetadata]) -> String {
     let header = ["KEY_ID", "ALIAS", "STATE", "VERSION", "BACKEND", "CREATED"];
-    let rows: Vec<[String; 6]> = keys
+    let rows: Vec<Vec<String>> = keys
         .iter()
         .map(|k| {
-            [
+            vec![
                 k.key_id.clone(),
                 k.alias.clone().unwrap_or_else(|| "-".into()),
                 k.state.to_string(),
@@ -113,25 +125,39 @@ fn render_table(keys: &[KeyMetadata]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
+    table(&header, &rows)
+}
+
+/// An aligned text table: the header, then one line per row; columns two spaces apart,
+/// trailing blanks trimmed. Empty cells should be given as "-".
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
         for (w, c) in widths.iter_mut().zip(row) {
             *w = (*w).max(c.chars().count());
         }
     }
-    let line = |cells: &[String]| {
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
         let text: Vec<String> = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
+            .zip(&widths)
+            .map(|(c, &w)| format!("{c:<w$}"))
             .collect();
         format!("{}\n", text.join("  ").trim_end())
     };
-    let mut out = line(&header.map(String::from));
-    for row in &rows {
-        out.push_str(&line(row));
+    let mut out = line(&mut header.iter().copied());
+    for row in rows {
+        out.push_str(&line(&mut row.iter().map(String::as_str)));
     }
     out
+}
+
+/// A table cell for optional text: the text, or "-" when empty.
+pub fn or_dash(text: &str) -> String {
+    if text.is_empty() {
+        "-".into()
+    } else {
+        text.to_string()
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 mod errors;
 mod inspect;
 mod pool;
+mod signing;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -81,6 +82,7 @@ impl Pkcs11Backend {
             handles: RwLock::new(HashMap::new()),
         };
         backend.ensure_sentinel()?;
+        backend.ensure_audit_key()?;
         backend.check_health()?;
         Ok(backend)
     }
@@ -349,6 +351,14 @@ impl KeyBackend for Pkcs11Backend {
             h.remove(backend_ref);
         }
         Ok(())
+    }
+
+    fn audit_public_key(&self) -> Result<Vec<u8>, BackendError> {
+        self.audit_point()
+    }
+
+    fn sign_audit_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, BackendError> {
+        self.audit_sign(digest)
     }
 
     fn session_usage(&self) -> (usize, usize, usize) {

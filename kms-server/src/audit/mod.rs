@@ -1,0 +1,17 @@
+//! The key-access audit log: every RPC and administrative event becomes a hash-chained event
+//! (format in the `kms-audit` crate), durably committed before the caller is answered, with
+//! checkpoints signed by a key inside the HSM.
+//!
+//! `writer` owns the chain (one per node) and does group commit; `store` is the trait the
+//! databases implement (`sqlite`, `postgres`).
+
+pub mod store;
+mod postgres;
+mod sqlite;
+mod writer;
+pub mod service;
+
+pub use store::{AuditStore, EventFilter};
+pub use service::AuditApi;
+pub use writer::{AuditLog, AuditSettings};
+pub(crate) use writer::now_ms;
