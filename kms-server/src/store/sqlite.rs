@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
-use sqlx::Row;
+use sqlx::{Connection, Row};
 use svc_common::sqlite_file;
 use uuid::Uuid;
 
@@ -126,28 +126,13 @@ impl KeyStore for SqliteStore {
         first_version: &KeyVersionRecord,
     ) -> Result<(), StoreError> {
         check_first_version(key, first_version)?;
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(map_err)?;
-        sqlx::query(concat!(
-            "INSERT INTO keys (",
-            key_columns!(),
-            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
-        ))
-        .bind(key_id_text(key.key_id))
-        .bind(key.alias.as_deref())
-        .bind(key.description.as_str())
-        .bind(key.state.as_str())
-        .bind(i64::from(key.primary_version))
-        .bind(key.created_at_ms)
-        .bind(key.backend.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        insert_version(&mut tx, first_version).await?;
-        tx.commit().await.map_err(map_err)
+        let mut conn = self.pool.acquire().await.map_err(map_err)?;
+        let result = insert_key_tx(&mut conn, key, first_version).await;
+        if result.is_err() {
+            // A failed COMMIT leaves sqlx's connection at transaction depth 1: never reuse it.
+            conn.close_on_drop();
+        }
+        result
     }
 
     async fn get_key(&self, key_id: Uuid) -> Result<Option<KeyRecord>, StoreError> {
@@ -265,31 +250,13 @@ impl KeyStore for SqliteStore {
         version: &KeyVersionRecord,
         make_primary: bool,
     ) -> Result<(), StoreError> {
-        let key_id = key_id_text(version.key_id);
-        // IMMEDIATE: holds the database's write lock from here to COMMIT, so the "next
-        // version" check below cannot race another writer.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(map_err)?;
-        let latest: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(version) FROM key_versions WHERE key_id = ?1")
-                .bind(&key_id)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(map_err)?;
-        check_next_version(latest, version.version)?;
-        insert_version(&mut tx, version).await?;
-        if make_primary {
-            sqlx::query("UPDATE keys SET primary_version = ?2 WHERE key_id = ?1")
-                .bind(&key_id)
-                .bind(i64::from(version.version))
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+        let mut conn = self.pool.acquire().await.map_err(map_err)?;
+        let result = add_version_tx(&mut conn, version, make_primary).await;
+        if result.is_err() {
+            // A failed COMMIT leaves sqlx's connection at transaction depth 1: never reuse it.
+            conn.close_on_drop();
         }
-        tx.commit().await.map_err(map_err)
+        result
     }
 }
 
@@ -391,4 +358,57 @@ fn map_database_err(db: &dyn sqlx::error::DatabaseError) -> StoreError {
         }
         _ => StoreError::Internal(format!("sqlite: {}", db.message())),
     }
+}
+
+async fn insert_key_tx(
+    conn: &mut SqliteConnection,
+    key: &KeyRecord,
+    first_version: &KeyVersionRecord,
+) -> Result<(), StoreError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+    sqlx::query(concat!(
+        "INSERT INTO keys (",
+        key_columns!(),
+        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+    ))
+    .bind(key_id_text(key.key_id))
+    .bind(key.alias.as_deref())
+    .bind(key.description.as_str())
+    .bind(key.state.as_str())
+    .bind(i64::from(key.primary_version))
+    .bind(key.created_at_ms)
+    .bind(key.backend.as_str())
+    .execute(&mut *tx)
+    .await
+    .map_err(map_err)?;
+    insert_version(&mut tx, first_version).await?;
+    tx.commit().await.map_err(map_err)
+}
+
+async fn add_version_tx(
+    conn: &mut SqliteConnection,
+    version: &KeyVersionRecord,
+    make_primary: bool,
+) -> Result<(), StoreError> {
+    let key_id = key_id_text(version.key_id);
+    // IMMEDIATE: holds the database's write lock from here to COMMIT, so the "next
+    // version" check below cannot race another writer.
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+    let latest: Option<i64> =
+        sqlx::query_scalar("SELECT MAX(version) FROM key_versions WHERE key_id = ?1")
+            .bind(&key_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+    check_next_version(latest, version.version)?;
+    insert_version(&mut tx, version).await?;
+    if make_primary {
+        sqlx::query("UPDATE keys SET primary_version = ?2 WHERE key_id = ?1")
+            .bind(&key_id)
+            .bind(i64::from(version.version))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+    }
+    tx.commit().await.map_err(map_err)
 }

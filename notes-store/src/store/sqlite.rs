@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
-use sqlx::Row;
+use sqlx::{Connection, Row};
 use svc_common::sqlite_file;
 use uuid::Uuid;
 
@@ -107,30 +107,13 @@ impl NoteStore for SqliteStore {
         first: &RevisionRecord,
     ) -> Result<(), StoreError> {
         check_first_revision(note, first)?;
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(map_err)?;
-        sqlx::query(concat!(
-            "INSERT INTO notes (",
-            note_columns!(),
-            ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
-        ))
-        .bind(id_text(note.note_id))
-        .bind(&note.site_id)
-        .bind(&note.client_id)
-        .bind(&note.author_id)
-        .bind(&note.session_date)
-        .bind(i64::from(note.current_revision))
-        .bind(note.created_at_ms)
-        .bind(note.updated_at_ms)
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        insert_revision(&mut tx, first).await?;
-        // Dropping `tx` on any error above rolls both inserts back.
-        tx.commit().await.map_err(map_err)
+        let mut conn = self.pool.acquire().await.map_err(map_err)?;
+        let result = insert_note_tx(&mut conn, note, first).await;
+        if result.is_err() {
+            // A failed COMMIT leaves sqlx's connection at transaction depth 1: never reuse it.
+            conn.close_on_drop();
+        }
+        result
     }
 
     async fn get_note(&self, note_id: Uuid) -> Result<Option<NoteRecord>, StoreError> {
@@ -212,37 +195,13 @@ impl NoteStore for SqliteStore {
         expected: u32,
     ) -> Result<(), StoreError> {
         check_next_revision(revision, expected)?;
-        let note_id = id_text(revision.meta.note_id);
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(map_err)?;
-        let current: Option<i64> =
-            sqlx::query_scalar("SELECT current_revision FROM notes WHERE note_id = ?1")
-                .bind(&note_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_err)?;
-        check_current(current, expected)?;
-        insert_revision(&mut tx, revision).await?;
-        let moved = sqlx::query(
-            "UPDATE notes SET current_revision = ?2, updated_at_ms = ?3 \
-             WHERE note_id = ?1 AND current_revision = ?4",
-        )
-        .bind(&note_id)
-        .bind(i64::from(revision.meta.revision))
-        .bind(revision.meta.created_at_ms)
-        .bind(i64::from(expected))
-        .execute(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        if moved.rows_affected() != 1 {
-            return Err(StoreError::Conflict(
-                "the note was amended concurrently".to_string(),
-            ));
+        let mut conn = self.pool.acquire().await.map_err(map_err)?;
+        let result = add_revision_tx(&mut conn, revision, expected).await;
+        if result.is_err() {
+            // A failed COMMIT leaves sqlx's connection at transaction depth 1: never reuse it.
+            conn.close_on_drop();
         }
-        tx.commit().await.map_err(map_err)
+        result
     }
 }
 
@@ -357,4 +316,65 @@ fn map_database_err(db: &dyn sqlx::error::DatabaseError) -> StoreError {
         }
         _ => StoreError::Internal(format!("sqlite: {}", db.message())),
     }
+}
+
+async fn insert_note_tx(
+    conn: &mut SqliteConnection,
+    note: &NoteRecord,
+    first: &RevisionRecord,
+) -> Result<(), StoreError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+    sqlx::query(concat!(
+        "INSERT INTO notes (",
+        note_columns!(),
+        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+    ))
+    .bind(id_text(note.note_id))
+    .bind(&note.site_id)
+    .bind(&note.client_id)
+    .bind(&note.author_id)
+    .bind(&note.session_date)
+    .bind(i64::from(note.current_revision))
+    .bind(note.created_at_ms)
+    .bind(note.updated_at_ms)
+    .execute(&mut *tx)
+    .await
+    .map_err(map_err)?;
+    insert_revision(&mut tx, first).await?;
+    // Dropping `tx` on any error above rolls both inserts back.
+    tx.commit().await.map_err(map_err)
+}
+
+async fn add_revision_tx(
+    conn: &mut SqliteConnection,
+    revision: &RevisionRecord,
+    expected: u32,
+) -> Result<(), StoreError> {
+    let note_id = id_text(revision.meta.note_id);
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+    let current: Option<i64> =
+        sqlx::query_scalar("SELECT current_revision FROM notes WHERE note_id = ?1")
+            .bind(&note_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+    check_current(current, expected)?;
+    insert_revision(&mut tx, revision).await?;
+    let moved = sqlx::query(
+        "UPDATE notes SET current_revision = ?2, updated_at_ms = ?3 \
+         WHERE note_id = ?1 AND current_revision = ?4",
+    )
+    .bind(&note_id)
+    .bind(i64::from(revision.meta.revision))
+    .bind(revision.meta.created_at_ms)
+    .bind(i64::from(expected))
+    .execute(&mut *tx)
+    .await
+    .map_err(map_err)?;
+    if moved.rows_affected() != 1 {
+        return Err(StoreError::Conflict(
+            "the note was amended concurrently".to_string(),
+        ));
+    }
+    tx.commit().await.map_err(map_err)
 }
