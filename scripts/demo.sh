@@ -2,7 +2,9 @@
 # End-to-end demo on the dev environment that `make demo` prepared (.dev/softhsm, .dev/pki):
 # starts kms-server (release build) on 127.0.0.1, creates a key, generates a data key,
 # decrypts it, shows that a tampered blob, a wrong encryption context and a disabled key are
-# refused, then stops the server with SIGTERM. Exits non-zero if any step does not behave.
+# refused, prints the demo's audit trail (as the auditor), exports it, verifies it offline
+# against the HSM-held signing key and shows that an edited export fails verification, then
+# stops the server with SIGTERM. Exits non-zero if any step does not behave.
 set -euo pipefail
 
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)
@@ -17,6 +19,9 @@ fail() { printf '   FAILED: %s\n' "$*" >&2; exit 1; }
 
 [[ -x "$bin/kms-server" && -x "$bin/kmsctl" ]] || fail "release binaries missing: run make build"
 [[ -f "$dev/softhsm/softhsm2.conf" && -f "$dev/pki/ca.pem" ]] || fail "dev environment missing: run make dev-env"
+[[ -f "$dev/pki/auditor.pem" ]] || fail "no auditor certificate in $dev/pki: run make dev-pki"
+[[ -f "$dev/pki/admin.pem" ]] || fail "no admin certificate in $dev/pki: run make dev-pki"
+demo_start_ms=$(date +%s%3N)
 
 export SOFTHSM2_CONF="$dev/softhsm/softhsm2.conf"
 export KMS_PKCS11_PIN_FILE="$dev/softhsm/user.pin"
@@ -45,6 +50,9 @@ ok "listening on $addr (pid $server_pid)"
 export KMSCTL_ENDPOINT="https://localhost:${addr##*:}"
 export KMSCTL_CA="$dev/pki/ca.pem" KMSCTL_CERT="$dev/pki/app.pem" KMSCTL_KEY="$dev/pki/app.key"
 kmsctl() { "$bin/kmsctl" "$@"; }
+# Key administration as "admin" (key-admin in config/kms-policy.dev.toml); "app" (service) uses
+# the keys but may not administer them (separation of duties).
+admin() { KMSCTL_CERT="$dev/pki/admin.pem" KMSCTL_KEY="$dev/pki/admin.key" "$bin/kmsctl" "$@"; }
 # Runs a command that must fail with the given gRPC code.
 expect_refused() {
     local code=$1; shift
@@ -56,9 +64,9 @@ expect_refused() {
 
 step "Create a master key inside the HSM"
 alias="demo/notes-$(date +%s)"
-key_json=$(kmsctl --json key create --alias "$alias" --description "demo key for session notes")
+key_json=$(admin --json key create --alias "$alias" --description "demo key for session notes")
 key_id=$(jq -r .key_id <<<"$key_json")
-kmsctl key describe "$alias"
+admin key describe "$alias"
 
 step "Generate a data key bound to an encryption context (site, client, note ids)"
 ctx=(--context site=site-a --context client=c-1001 --context note=n-42)
@@ -82,10 +90,41 @@ step "A wrong encryption context is refused (the blob cannot move to another not
 expect_refused INVALID_ARGUMENT kmsctl decrypt --blob "$blob" --context site=site-a --context client=c-1001 --context note=n-43
 
 step "A disabled key refuses every use; enabling it restores service"
-kmsctl key disable "$alias" >/dev/null
+admin key disable "$alias" >/dev/null
 expect_refused FAILED_PRECONDITION kmsctl decrypt --blob "$blob" "${ctx[@]}"
-kmsctl key enable "$alias" >/dev/null
+admin key enable "$alias" >/dev/null
 kmsctl --json decrypt --blob "$blob" "${ctx[@]}" >/dev/null && ok "decrypts again after enable"
+
+step "Only auditors may read the audit log"
+expect_refused PERMISSION_DENIED kmsctl audit query
+
+# The auditor's identity: SAN URI spiffe://dev.clinic/client/auditor, the one the server's
+# development configuration allows to read the audit log.
+auditor() { KMSCTL_CERT="$dev/pki/auditor.pem" KMSCTL_KEY="$dev/pki/auditor.key" "$bin/kmsctl" "$@"; }
+
+step "The audit trail of this demo: every call, allowed or refused, with who and why"
+auditor audit query --from "$demo_start_ms" --limit 1000
+auditor audit report --client c-1001 --from "$demo_start_ms"
+
+step "Export the chain, fetch the checkpoint-signing public key, verify offline"
+export_file="$dev/audit-export.jsonl"
+pubkey_file="$dev/audit-public-key.pem"
+auditor audit export --out "$export_file" >/dev/null
+auditor audit public-key --out "$pubkey_file" >/dev/null
+ok "exported $(grep -c '"type":"event"' "$export_file") events to $export_file"
+# Offline: no endpoint, no certificate, just the file and the key.
+if verdict=$("$bin/kmsctl" audit verify --in "$export_file" --public-key "$pubkey_file"); then
+    ok "$verdict"
+else
+    fail "audit verification: $verdict"
+fi
+tampered_file="$dev/audit-export.tampered.jsonl"
+sed '0,/"acting_user":"dr-lee"/s//"acting_user":"dr-eve"/' "$export_file" >"$tampered_file"
+if verdict=$("$bin/kmsctl" audit verify --in "$tampered_file" --public-key "$pubkey_file"); then
+    fail "an edited export verified: $verdict"
+fi
+ok "an edited export is caught: $verdict"
+rm -f "$tampered_file"
 
 step "Stop kms-server with SIGTERM (graceful)"
 kill -TERM "$server_pid"

@@ -87,7 +87,9 @@ impl From<ExportRecord> for pb::AuditRecord {
             ExportRecord::Event(e) => pb::audit_record::Record::Event(e.into()),
             ExportRecord::Checkpoint(c) => pb::audit_record::Record::Checkpoint(c.into()),
         };
-        pb::AuditRecord { record: Some(record) }
+        pb::AuditRecord {
+            record: Some(record),
+        }
     }
 }
 

@@ -41,7 +41,7 @@ impl KmsClient {
     }
 
     /// A client of the audit service sharing this client's connections and policy. The
-    /// server answers it only for identities listed as audit readers.
+    /// server answers it only for identities its policy makes auditors.
     pub fn audit(&self) -> AuditClient {
         AuditClient::with_transport(self.transport.clone())
     }
@@ -302,6 +302,24 @@ impl KmsClient {
             source_key_version: response.source_key_version,
             key_id: response.key_id,
             key_version: response.key_version,
+        })
+    }
+
+    /// Who the server thinks this client is: identity, key fingerprint, roles, permissions.
+    pub async fn who_am_i(&self) -> Result<crate::WhoAmI, Error> {
+        let r = self
+            .transport
+            .call(
+                Method::WhoAmI,
+                || pb::WhoAmIRequest {},
+                |channel, request| async move { Grpc::new(channel).who_am_i(request).await },
+            )
+            .await?;
+        Ok(crate::WhoAmI {
+            identity: r.identity,
+            key_fingerprint: r.key_fingerprint,
+            roles: r.roles,
+            permissions: r.permissions,
         })
     }
 }

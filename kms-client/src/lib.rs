@@ -74,7 +74,7 @@ pub use tonic::Code;
 pub use transport::{Method, MAX_BACKOFF};
 pub use types::{
     AuditMetadata, Ciphertext, DataKey, Decrypted, EncryptionContext, KeyMetadata, KeyPage,
-    KeyState, ReEncrypted,
+    KeyState, ReEncrypted, WhoAmI,
 };
 /// Re-exported for [`KmsClientConfig::key_pem`] and the plaintext fields.
 pub use zeroize::Zeroizing;

@@ -65,6 +65,8 @@ pub enum Method {
     Decrypt,
     /// Stores nothing; as `Encrypt`.
     ReEncrypt,
+    /// Read only.
+    WhoAmI,
     /// Read only (the query itself is audited).
     QueryAuditEvents,
     /// Read only: opens a live tail.
@@ -91,6 +93,7 @@ impl Method {
             Method::Encrypt => "Encrypt",
             Method::Decrypt => "Decrypt",
             Method::ReEncrypt => "ReEncrypt",
+            Method::WhoAmI => "WhoAmI",
             Method::QueryAuditEvents => "QueryAuditEvents",
             Method::StreamAuditEvents => "StreamAuditEvents",
             Method::GetAuditPublicKey => "GetAuditPublicKey",
@@ -395,7 +398,7 @@ fn chain(err: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
 
-    const ALL: [Method; 15] = [
+    const ALL: [Method; 16] = [
         Method::CreateKey,
         Method::DescribeKey,
         Method::ListKeys,
@@ -406,6 +409,7 @@ mod tests {
         Method::Encrypt,
         Method::Decrypt,
         Method::ReEncrypt,
+        Method::WhoAmI,
         Method::QueryAuditEvents,
         Method::StreamAuditEvents,
         Method::GetAuditPublicKey,

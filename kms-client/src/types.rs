@@ -200,6 +200,19 @@ impl fmt::Debug for Decrypted {
     }
 }
 
+/// The caller as the server sees it (`WhoAmI`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WhoAmI {
+    /// Certificate SAN URI, else subject CN.
+    pub identity: String,
+    /// Hex SHA-256 of the certificate's public key.
+    pub key_fingerprint: String,
+    /// Roles the server's policy binds to the identity.
+    pub roles: Vec<String>,
+    /// Effective permissions, one line each.
+    pub permissions: Vec<String>,
+}
+
 /// The result of `ReEncrypt`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ReEncrypted {

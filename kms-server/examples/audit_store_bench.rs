@@ -195,9 +195,23 @@ async fn create_pg_database(admin_url: &str) -> anyhow::Result<(String, String)>
         .execute(&mut admin)
         .await?;
     admin.close().await?;
-    let base = admin_url.split('?').next().unwrap_or(admin_url);
-    let prefix = base.rsplit_once('/').map_or(base, |(prefix, _)| prefix);
-    Ok((name.clone(), format!("{prefix}/{name}")))
+    Ok((name.clone(), url_for_database(admin_url, &name)))
+}
+
+/// `url` with its database (path) replaced by `database`, query string (e.g. `host=` of a
+/// Unix socket directory) kept.
+fn url_for_database(url: &str, database: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let authority = base.find("://").map_or(0, |i| i + 3);
+    let prefix = base[authority..]
+        .find('/')
+        .map_or(base, |i| &base[..authority + i]);
+    match query {
+        Some(query) => format!("{prefix}/{database}?{query}"),
+        None => format!("{prefix}/{database}"),
+    }
 }
 
 async fn drop_pg_database(admin_url: &str, name: &str) -> anyhow::Result<()> {

@@ -24,6 +24,17 @@ pub struct Config {
     pub cache: CacheSection,
     #[serde(default)]
     pub audit: AuditSection,
+    #[serde(default)]
+    pub policy: PolicySection,
+}
+
+/// Who may do what (see `crate::policy` and config/kms-policy.example.toml).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySection {
+    /// The policy file, loaded at start and reloaded on SIGHUP. Absent: every request is
+    /// denied (deny by default).
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -35,9 +46,6 @@ pub struct AuditSection {
     /// ...or after this many milliseconds with new events, whichever comes first.
     #[serde(default = "default_checkpoint_interval")]
     pub checkpoint_interval_ms: u64,
-    /// Identities (SAN URI or CN) that may read the audit log. Empty: nobody (deny by default).
-    #[serde(default)]
-    pub readers: Vec<String>,
 }
 
 impl Default for AuditSection {
@@ -45,7 +53,6 @@ impl Default for AuditSection {
         AuditSection {
             checkpoint_every: default_checkpoint_every(),
             checkpoint_interval_ms: default_checkpoint_interval(),
-            readers: Vec::new(),
         }
     }
 }
@@ -81,6 +88,9 @@ pub struct TlsSection {
     pub key: PathBuf,
     /// CA whose certificates clients must present (mutual TLS, always required).
     pub client_ca: PathBuf,
+    /// Revocation list of the client CA (PEM or DER), re-read on SIGHUP and when its
+    /// modification time changes (KMS_TLS_CLIENT_CRL).
+    pub client_crl: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -210,6 +220,12 @@ impl Config {
         if let Some(v) = get("KMS_TLS_CLIENT_CA") {
             self.tls.client_ca = v.into();
         }
+        if let Some(v) = get("KMS_TLS_CLIENT_CRL") {
+            self.tls.client_crl = (!v.is_empty()).then(|| v.into());
+        }
+        if let Some(v) = get("KMS_POLICY_FILE") {
+            self.policy.file = Some(v.into());
+        }
         if let Some(v) = get("KMS_LOG_FORMAT") {
             self.log.format = v;
         }
@@ -286,6 +302,16 @@ mod tests {
         let cfg: Config = toml::from_str(EXAMPLE).unwrap();
         cfg.validate().unwrap();
         assert_eq!(cfg.server.listen.port(), 7443);
+        // The dev configuration names the dev policy, and that policy loads.
+        let policy = cfg.policy.file.unwrap();
+        assert_eq!(policy, PathBuf::from("config/kms-policy.dev.toml"));
+        crate::policy::Policy::load(
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(policy),
+        )
+        .unwrap();
+        crate::policy::Policy::parse(include_str!("../../config/kms-policy.example.toml")).unwrap();
     }
 
     #[test]

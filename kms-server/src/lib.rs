@@ -13,6 +13,7 @@ pub mod context;
 pub mod envelope;
 pub mod error;
 pub mod metrics;
+pub mod policy;
 pub mod server;
 pub mod service;
 pub mod store;

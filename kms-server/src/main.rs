@@ -38,6 +38,10 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = Config::load(&args.config)?;
     if args.check_config {
+        if let Some(file) = &cfg.policy.file {
+            kms_server::policy::Policy::load(file)
+                .with_context(|| format!("policy {}", file.display()))?;
+        }
         println!("configuration OK");
         return Ok(());
     }

@@ -13,15 +13,18 @@ use tokio::net::TcpListener;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
-use crate::backend::pkcs11::{Pkcs11Backend, Pkcs11Settings};
 use crate::audit::{AuditApi, AuditLog, AuditSettings};
+use crate::backend::pkcs11::{Pkcs11Backend, Pkcs11Settings};
 use crate::backend::KeyBackend;
 use crate::config::{BackendConfig, Config};
+use crate::policy::{Policy, PolicyStore};
 use crate::service::KmsService;
 use crate::store::{self, KeyStore};
 
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 const SERVICE_NAME: &str = "kms.v1.KeyManagementService";
+/// How often the client CRL file's modification time is checked.
+const CRL_POLL: Duration = Duration::from_secs(2);
 
 /// Builds the configured key backend (blocking: loads the PKCS#11 module and logs in).
 pub fn build_backend(cfg: &BackendConfig) -> anyhow::Result<Arc<dyn KeyBackend>> {
@@ -47,7 +50,24 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     // Certificates first: a typo there should fail before the HSM is touched.
-    let tls = crate::tls::server_config(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.client_ca)?;
+    let tls = crate::tls::ReloadableConfig::load(crate::tls::TlsFiles {
+        cert: cfg.tls.cert.clone(),
+        key: cfg.tls.key.clone(),
+        client_ca: cfg.tls.client_ca.clone(),
+        client_crl: cfg.tls.client_crl.clone(),
+    })?;
+    // Then the policy: a server that cannot know who may do what does not start.
+    let policy = match &cfg.policy.file {
+        Some(file) => PolicyStore::load(file)
+            .map_err(|e| anyhow::anyhow!("loading the policy {}: {e}", file.display()))?,
+        None => {
+            tracing::warn!("no [policy] file configured: every request will be denied");
+            PolicyStore::fixed(Policy::default())
+        }
+    };
+    // Installed before readiness: SIGHUP's default action would kill the server.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     if let Some(addr) = cfg.server.metrics_listen {
         crate::metrics::install(addr).context("starting the metrics listener")?;
     }
@@ -58,7 +78,8 @@ pub async fn run(
         .context("opening the metadata database")?;
     let mut audit_settings = AuditSettings::new(cfg.server.node_id.clone());
     audit_settings.checkpoint_every = cfg.audit.checkpoint_every.max(1);
-    audit_settings.checkpoint_interval = Duration::from_millis(cfg.audit.checkpoint_interval_ms.max(10));
+    audit_settings.checkpoint_interval =
+        Duration::from_millis(cfg.audit.checkpoint_interval_ms.max(10));
     let audit = AuditLog::start(audit_store, backend.clone(), audit_settings)
         .await
         .map_err(|e| anyhow::anyhow!("starting the audit log: {e}"))?;
@@ -66,11 +87,30 @@ pub async fn run(
         .record(server_event("ServerStarted", backend.kind()))
         .await
         .map_err(|e| anyhow::anyhow!("recording the start in the audit log: {e}"))?;
-    let service = KmsService::new(store.clone(), backend.clone(), audit.clone(), cfg.key_cache_ttl());
+    let service = KmsService::new(
+        store.clone(),
+        backend.clone(),
+        audit.clone(),
+        policy.clone(),
+        cfg.key_cache_ttl(),
+    );
+    let reload_task = tokio::spawn(reload_on_hangup(
+        hangup,
+        policy.clone(),
+        tls.clone(),
+        audit.clone(),
+    ));
+    let crl_task = tls.watch_crl(CRL_POLL);
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     // The first check runs before serving, so a client never sees "service not registered".
-    let mut health = HealthWatch { reporter, backend: backend.clone(), store: store.clone(), audit: audit.clone(), last: None };
+    let mut health = HealthWatch {
+        reporter,
+        backend: backend.clone(),
+        store: store.clone(),
+        audit: audit.clone(),
+        last: None,
+    };
     health.check().await;
     let health_task = tokio::spawn(health.run());
 
@@ -90,7 +130,7 @@ pub async fn run(
     let incoming = crate::tls::incoming(listener, tls);
 
     let max = cfg.server.max_message_bytes;
-    let audit_api = AuditServiceServer::new(AuditApi::new(audit.clone(), cfg.audit.readers.clone()));
+    let audit_api = AuditServiceServer::new(AuditApi::new(audit.clone(), policy.clone()));
     let kms = KeyManagementServiceServer::new(service)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
@@ -127,7 +167,14 @@ pub async fn run(
         } => tracing::warn!("in-flight requests did not finish within the grace period"),
     }
     health_task.abort();
-    if let Err(e) = audit.record(server_event("ServerStopped", backend.kind())).await {
+    reload_task.abort();
+    if let Some(t) = crl_task {
+        t.abort();
+    }
+    if let Err(e) = audit
+        .record(server_event("ServerStopped", backend.kind()))
+        .await
+    {
         tracing::error!(error = %e, "could not record the stop in the audit log");
     }
     if let Err(e) = audit.checkpoint_now().await {
@@ -135,6 +182,46 @@ pub async fn run(
     }
     tracing::info!("kms-server stopped");
     Ok(())
+}
+
+/// Reloads the TLS configuration (client CRL) and the policy on every SIGHUP. A policy file
+/// that does not load is refused (logged and audited as PolicyReloadFailed) and the policy in
+/// force stays; likewise TLS files that do not load.
+async fn reload_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    policy: PolicyStore,
+    tls: crate::tls::ReloadableConfig,
+    audit: AuditLog,
+) {
+    while hangup.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS configuration reloaded"),
+            Err(e) => tracing::error!(
+                error = %format!("{e:#}"),
+                "SIGHUP: TLS files refused; the previous TLS configuration stays"
+            ),
+        }
+        let event = match policy.reload() {
+            Ok(summary) => {
+                tracing::info!(%summary, "SIGHUP: policy reloaded");
+                EventFields {
+                    detail: summary,
+                    ..server_event("PolicyReloaded", "")
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: policy refused; the previous policy stays in force");
+                EventFields {
+                    outcome: "INVALID_ARGUMENT".into(),
+                    detail: e.to_string().chars().take(256).collect(),
+                    ..server_event("PolicyReloadFailed", "")
+                }
+            }
+        };
+        if let Err(e) = audit.record(event).await {
+            tracing::error!(error = %e, "could not record the policy reload in the audit log");
+        }
+    }
 }
 
 /// An administrative audit event of the server itself.
@@ -173,7 +260,10 @@ impl HealthWatch {
         let backend_ok = matches!(backend_result, Ok(Ok(())));
         let store_result = tokio::time::timeout(Duration::from_secs(2), self.store.ping()).await;
         let store_ok = matches!(store_result, Ok(Ok(())));
-        let audit_ok = matches!(tokio::time::timeout(Duration::from_secs(2), self.audit.probe()).await, Ok(true));
+        let audit_ok = matches!(
+            tokio::time::timeout(Duration::from_secs(2), self.audit.probe()).await,
+            Ok(true)
+        );
         let (in_use, waiting, idle) = self.backend.session_usage();
         crate::metrics::record_pool(in_use, waiting, idle);
         crate::metrics::record_health(backend_ok, store_ok && audit_ok);
@@ -181,7 +271,11 @@ impl HealthWatch {
         if self.last == Some(ok) {
             return;
         }
-        let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+        let status = if ok {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
         self.reporter.set_service_status("", status).await;
         self.reporter.set_service_status(SERVICE_NAME, status).await;
         if ok {

@@ -126,11 +126,11 @@ store_tests!(
 /// Varied fields: Option fields set and unset, empty and multi-pair contexts, non-ASCII text.
 fn fields(i: u32) -> EventFields {
     let mut context = BTreeMap::new();
-    if i % 4 != 0 {
+    if !i.is_multiple_of(4) {
         context.insert("client".to_owned(), format!("c-{}", i % 3));
         context.insert("note_id".to_owned(), format!("n-{i}"));
     }
-    if i % 7 == 0 {
+    if i.is_multiple_of(7) {
         context.insert("patient_id".to_owned(), "p-ü42".to_owned());
     }
     EventFields {
@@ -143,11 +143,11 @@ fn fields(i: u32) -> EventFields {
         } else {
             "ab".repeat(32)
         },
-        role: if i % 2 == 0 { "service" } else { "" }.to_owned(),
+        role: if i.is_multiple_of(2) { "service" } else { "" }.to_owned(),
         operation: ["GenerateDataKey", "Decrypt", "KeyCreated", "ServerStarted"][i as usize % 4]
             .to_owned(),
-        key_id: (i % 5 != 0).then(|| format!("tenant-{}/notes", i % 2)),
-        key_version: (i % 3 != 0).then_some(i % 4 + 1),
+        key_id: (!i.is_multiple_of(5)).then(|| format!("tenant-{}/notes", i % 2)),
+        key_version: (!i.is_multiple_of(3)).then_some(i % 4 + 1),
         context,
         acting_user: if i % 2 == 1 { "dr-ämes ☤" } else { "" }.to_owned(),
         purpose: "write-note".to_owned(),
@@ -158,7 +158,7 @@ fn fields(i: u32) -> EventFields {
         }
         .to_owned(),
         latency_us: u64::from(i) * 17,
-        detail: if i % 9 == 0 {
+        detail: if i.is_multiple_of(9) {
             "line\nbreak \"quoted\""
         } else {
             ""
@@ -383,100 +383,48 @@ async fn query_filters(db: TestDb) {
     append_in_batches(store, &b, 25).await;
     let all = [a.clone(), b.clone()].concat();
 
-    let some = |s: &str| Some(s.to_owned());
+    let s = |s: &str| Some(s.to_owned());
+    let ctx = |k: &str, v: &str| Some((k.to_owned(), v.to_owned()));
     let base = EventFilter::default();
-    let filters = vec![
+    let with = |set: &dyn Fn(&mut EventFilter)| {
+        let mut filter = EventFilter::default();
+        set(&mut filter);
+        filter
+    };
+    let filters = [
         base.clone(),
-        EventFilter {
-            node_id: some("kms-b"),
-            ..base.clone()
-        },
-        EventFilter {
-            from_time_ms: Some(T0 + 20_000),
-            ..base.clone()
-        },
-        EventFilter {
-            to_time_ms: Some(T0 + 20_000),
-            ..base.clone()
-        },
-        EventFilter {
-            from_time_ms: Some(T0 + 10_000),
-            to_time_ms: Some(T0 + 12_000),
-            ..base.clone()
-        },
-        EventFilter {
-            key_id: some("tenant-1/notes"),
-            ..base.clone()
-        },
-        EventFilter {
-            caller: some("spiffe://clinic/billing"),
-            ..base.clone()
-        },
-        EventFilter {
-            caller: some(""),
-            ..base.clone()
-        },
-        EventFilter {
-            operation: some("Decrypt"),
-            ..base.clone()
-        },
-        EventFilter {
-            outcome: some("PERMISSION_DENIED"),
-            ..base.clone()
-        },
-        EventFilter {
-            context: Some(("client".into(), "c-1".into())),
-            ..base.clone()
-        },
-        EventFilter {
-            context: Some(("patient_id".into(), "p-ü42".into())),
-            ..base.clone()
-        },
-        EventFilter {
-            after_seq: Some(55),
-            ..base.clone()
-        },
-        EventFilter {
-            to_seq: Some(3),
-            ..base.clone()
-        },
-        EventFilter {
-            after_seq: Some(u64::MAX),
-            ..base.clone()
-        },
-        EventFilter {
-            to_seq: Some(u64::MAX),
-            ..base.clone()
-        },
-        EventFilter {
-            node_id: some("kms-a"),
-            key_id: some("tenant-0/notes"),
-            operation: some("GenerateDataKey"),
-            context: Some(("client".into(), "c-2".into())),
-            from_time_ms: Some(T0 + 5_000),
-            ..base.clone()
-        },
-        EventFilter {
-            node_id: some("kms-a"),
-            caller: some("spiffe://clinic/notes-store"),
-            outcome: some("OK"),
-            after_seq: Some(10),
-            to_seq: Some(40),
-            ..base.clone()
-        },
+        with(&|f| f.node_id = s("kms-b")),
+        with(&|f| f.from_time_ms = Some(T0 + 20_000)),
+        with(&|f| f.to_time_ms = Some(T0 + 20_000)),
+        with(&|f| (f.from_time_ms, f.to_time_ms) = (Some(T0 + 10_000), Some(T0 + 12_000))),
+        with(&|f| f.key_id = s("tenant-1/notes")),
+        with(&|f| f.caller = s("spiffe://clinic/billing")),
+        with(&|f| f.caller = s("")),
+        with(&|f| f.operation = s("Decrypt")),
+        with(&|f| f.outcome = s("PERMISSION_DENIED")),
+        with(&|f| f.context = ctx("client", "c-1")),
+        with(&|f| f.context = ctx("patient_id", "p-ü42")),
+        with(&|f| f.after_seq = Some(55)),
+        with(&|f| f.to_seq = Some(3)),
+        with(&|f| f.after_seq = Some(u64::MAX)),
+        with(&|f| f.to_seq = Some(u64::MAX)),
+        with(&|f| {
+            f.node_id = s("kms-a");
+            f.key_id = s("tenant-0/notes");
+            f.operation = s("GenerateDataKey");
+            f.context = ctx("client", "c-2");
+            f.from_time_ms = Some(T0 + 5_000);
+        }),
+        with(&|f| {
+            f.node_id = s("kms-a");
+            f.caller = s("spiffe://clinic/notes-store");
+            f.outcome = s("OK");
+            (f.after_seq, f.to_seq) = (Some(10), Some(40));
+        }),
         // Nothing matches these.
-        EventFilter {
-            key_id: some("tenant-9/notes"),
-            ..base.clone()
-        },
-        EventFilter {
-            context: Some(("client".into(), "n-1".into())),
-            ..base.clone()
-        },
-        EventFilter {
-            caller: some("x' OR '1'='1"),
-            ..base.clone()
-        },
+        with(&|f| f.key_id = s("tenant-9/notes")),
+        with(&|f| f.context = ctx("client", "n-1")),
+        with(&|f| f.caller = s("x' OR '1'='1")),
     ];
     for filter in &filters {
         let expected: Vec<AuditEvent> =
@@ -491,11 +439,7 @@ async fn query_filters(db: TestDb) {
     assert!(store.query_events(&base, 0).await.unwrap().is_empty());
 
     // Paging with after_seq + limit, the way the audit service pages one node.
-    let filter = EventFilter {
-        node_id: some("kms-a"),
-        context: Some(("client".into(), "c-1".into())),
-        ..base.clone()
-    };
+    let filter = with(&|f| (f.node_id, f.context) = (s("kms-a"), ctx("client", "c-1")));
     let expected: Vec<AuditEvent> = a.iter().filter(|e| matches(e, &filter)).cloned().collect();
     let (mut paged, mut after, mut pages) = (Vec::new(), None, 0);
     loop {
@@ -652,7 +596,7 @@ async fn nul_and_injection_text_round_trip(db: TestDb) {
             ..base.clone()
         })
         .await,
-        [event.clone()]
+        std::slice::from_ref(&event)
     );
     assert_eq!(
         by(EventFilter {
@@ -660,7 +604,7 @@ async fn nul_and_injection_text_round_trip(db: TestDb) {
             ..base.clone()
         })
         .await,
-        [event.clone()]
+        std::slice::from_ref(&event)
     );
     let context = Some(("cli\0ent".to_owned(), "c\0-1".to_owned()));
     assert_eq!(

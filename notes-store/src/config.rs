@@ -23,6 +23,20 @@ pub struct Config {
     pub kms: KmsSection,
     #[serde(default)]
     pub log: LogSection,
+    /// Which caller (practice application, by certificate identity) may act for which sites.
+    /// None: every call is refused (deny by default).
+    #[serde(default)]
+    pub callers: Vec<CallerSection>,
+}
+
+/// One `[[callers]]` entry (see `crate::callers`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerSection {
+    /// Identity pattern: literal segments, `*`, `**` (rest) and `{name}` (captured).
+    pub identity: String,
+    /// Site ids the caller may act for; `"*"` = all; `"{name}"` = captured from the identity.
+    pub sites: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -48,6 +62,9 @@ pub struct TlsSection {
     pub key: PathBuf,
     /// CA whose certificates callers (the practice applications) must present.
     pub client_ca: PathBuf,
+    /// Revocation list of the client CA (PEM or DER), optional; re-read when the file's
+    /// modification time changes (NOTES_TLS_CLIENT_CRL).
+    pub client_crl: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,6 +176,9 @@ impl Config {
         if let Some(v) = get("NOTES_TLS_CLIENT_CA") {
             self.tls.client_ca = v.into();
         }
+        if let Some(v) = get("NOTES_TLS_CLIENT_CRL") {
+            self.tls.client_crl = (!v.is_empty()).then(|| v.into());
+        }
         if let Some(v) = get("NOTES_KMS_ENDPOINTS") {
             self.kms.endpoints = v
                 .split(',')
@@ -189,6 +209,7 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        crate::callers::Callers::new(&self.callers).map_err(|e| anyhow::anyhow!(e))?;
         if !self.server.allow_non_loopback && !self.server.listen.ip().is_loopback() {
             bail!("server.listen must be a loopback address (set allow_non_loopback to override)");
         }

@@ -28,6 +28,9 @@ pub enum NotesError {
     InvalidArgument(String),
     #[error("{0}")]
     NotFound(String),
+    /// The caller may not act for the site.
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("the note is at revision {current}, not the expected revision {expected}")]
     StaleRevision { expected: u32, current: u32 },
     #[error("{0}")]
@@ -66,6 +69,7 @@ impl NotesError {
         match self {
             NotesError::InvalidArgument(_) => tonic::Code::InvalidArgument,
             NotesError::NotFound(_) => tonic::Code::NotFound,
+            NotesError::PermissionDenied(_) => tonic::Code::PermissionDenied,
             NotesError::StaleRevision { .. } | NotesError::FailedPrecondition(_) => {
                 tonic::Code::FailedPrecondition
             }

@@ -5,6 +5,7 @@
 //! one place errors become gRPC statuses; `server` wires mutual TLS (`svc_common::tls`),
 //! health, reflection, metrics and shutdown. `main.rs` only parses arguments.
 
+pub mod callers;
 pub mod config;
 pub mod crypto;
 pub mod error;

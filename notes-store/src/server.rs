@@ -30,7 +30,14 @@ pub async fn run(
     cfg: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let tls = svc_common::tls::server_config(&cfg.tls.cert, &cfg.tls.key, &cfg.tls.client_ca)?;
+    let tls = svc_common::tls::ReloadableConfig::load(svc_common::tls::TlsFiles {
+        cert: cfg.tls.cert.clone(),
+        key: cfg.tls.key.clone(),
+        client_ca: cfg.tls.client_ca.clone(),
+        client_crl: cfg.tls.client_crl.clone(),
+    })?;
+    // A changed revocation list applies to new connections within a few seconds.
+    let crl_task = tls.watch_crl(std::time::Duration::from_secs(2));
     if let Some(addr) = cfg.server.metrics_listen {
         crate::metrics::install(addr).context("starting the metrics listener")?;
     }
@@ -38,7 +45,16 @@ pub async fn run(
     let store = store::connect(&cfg.database.url)
         .await
         .context("opening the notes database")?;
-    let service = NotesServiceImpl::new(store.clone(), kms.clone(), cfg.server.max_body_bytes);
+    let callers = crate::callers::Callers::new(&cfg.callers).map_err(|e| anyhow::anyhow!(e))?;
+    if cfg.callers.is_empty() {
+        tracing::warn!("no [[callers]] configured: every call will be refused");
+    }
+    let service = NotesServiceImpl::new(
+        store.clone(),
+        kms.clone(),
+        callers,
+        cfg.server.max_body_bytes,
+    );
 
     let (reporter, health_service) = tonic_health::server::health_reporter();
     // Registered from the start (NOT_SERVING until the first check), so a health check never
@@ -102,6 +118,9 @@ pub async fn run(
         } => tracing::warn!("in-flight requests did not finish within the grace period"),
     }
     health_task.abort();
+    if let Some(t) = crl_task {
+        t.abort();
+    }
     tracing::info!("notes-store stopped");
     Ok(())
 }

@@ -88,10 +88,10 @@ async fn load(app: KmsClient, task: usize, stop: Arc<AtomicBool>) -> Vec<Answer>
         .unwrap()
         .ciphertext_blob;
     let mut answers = Vec::new();
-    let mut i = 0u64;
+    let mut generate = true;
     while !stop.load(Ordering::Relaxed) {
         let sent = Instant::now();
-        let (operation, code) = if i % 2 == 0 {
+        let (operation, code) = if generate {
             (
                 "GenerateDataKey",
                 code_of(app.generate_data_key("outage", &c).await),
@@ -109,7 +109,7 @@ async fn load(app: KmsClient, task: usize, stop: Arc<AtomicBool>) -> Vec<Answer>
             answered: Instant::now(),
             code,
         });
-        i += 1;
+        generate = !generate;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     answers
@@ -136,6 +136,13 @@ async fn wait_for_health(server: &KmsServer, want: ServingStatus) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The last `n` lines of the server's log.
+fn log_tail(server: &KmsServer, n: usize) -> String {
+    let log = server.log();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn database_files(server: &KmsServer) -> Vec<PathBuf> {
@@ -196,12 +203,13 @@ async fn unwritable_sqlite_audit_store_fails_closed_and_recovers() {
     let late: Vec<_> = after.iter().map(|a| (a.operation, a.code)).collect();
     assert!(
         !after.is_empty() && after.iter().all(|a| a.code == "OK"),
-        "{late:?}"
+        "{late:?}\nserver log (end):\n{}",
+        log_tail(&server, 20)
     );
     assert!(
         server.log().contains("audit write failed"),
         "{}",
-        server.log()
+        log_tail(&server, 20)
     );
 
     let auditor = server.audit_client(AUDITOR).unwrap();

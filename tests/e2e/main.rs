@@ -10,6 +10,7 @@
 mod audit;
 mod audit_kmsctl;
 mod audit_outage;
+mod authz;
 mod bad_inputs;
 mod hsm_outage;
 mod lifecycle;
@@ -18,6 +19,7 @@ mod notes_concurrency;
 mod notes_outage;
 mod notes_roundtrip;
 mod notes_secrets;
+mod notes_sites;
 mod notes_tamper;
 mod roundtrip;
 mod secrets;

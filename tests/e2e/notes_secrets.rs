@@ -4,7 +4,7 @@
 //! data key (raw, hex, base64 or Debug-printed).
 //!
 //! How the data keys are found, since notes-store never reveals them: the test reads each
-//! revision's wrapped key from the database and asks the KMS itself (as "admin", with the
+//! revision's wrapped key from the database and asks the KMS itself (as "app", with the
 //! revision's encryption context) to unwrap it. It checks that the key really is the one the
 //! revision was sealed with (opening the stored ciphertext with it and the documented AAD
 //! gives the body back), that the stored wrapped key is not the 32-byte key itself nor contains
@@ -94,7 +94,8 @@ async fn write_notes(notes: &NotesServer) -> (Vec<(String, Vec<u8>)>, Vec<String
 /// Unwraps every stored data key through the KMS, checks it is the key of its revision, and
 /// returns the keys' encodings.
 async fn data_keys(kms: &KmsServer, notes: &NotesServer) -> Vec<(String, Vec<u8>)> {
-    let admin = kms.client("admin").unwrap();
+    // A service identity: key-admin ("admin") may not decrypt (separation of duties).
+    let admin = kms.client("app").unwrap();
     let rows = notes
         .sql_text(
             "SELECT COALESCE(string_agg(n.note_id || ' ' || r.revision || ' ' || n.site_id || ' ' \

@@ -25,8 +25,34 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// Client certificate names every test server's PKI contains.
 pub const CLIENTS: &[&str] = &["admin", "app", "notes-store", "auditor"];
-/// The client that `ServerOptions::default()` lists in `[audit] readers`.
+/// The client that the harness policy makes an auditor (may call the AuditService).
 pub const AUDITOR: &str = "auditor";
+
+/// The policy every test server gets unless `ServerOptions::policy` says otherwise: "admin" is
+/// key-admin, "auditor" auditor, "app" and "notes-store" services on every key without context
+/// conditions. "app" is ALSO key-admin, because the existing tests create the keys they use as
+/// "app"; a production policy never binds one identity to both roles (separation of duties).
+pub const HARNESS_POLICY: &str = r#"
+[[allow]]
+identity = "spiffe://dev.clinic/client/admin"
+role = "key-admin"
+
+[[allow]]
+identity = "spiffe://dev.clinic/client/auditor"
+role = "auditor"
+
+[[allow]]
+identity = "spiffe://dev.clinic/client/app"
+role = "service"
+
+[[allow]]
+identity = "spiffe://dev.clinic/client/app"
+role = "key-admin"
+
+[[allow]]
+identity = "spiffe://dev.clinic/client/notes-store"
+role = "service"
+"#;
 pub const PIN: &str = "harness-user-pin-8472";
 const SO_PIN: &str = "harness-so-pin-8472";
 
@@ -68,8 +94,11 @@ pub struct ServerOptions {
     pub checkpoint_every: u64,
     /// `[audit] checkpoint_interval_ms`: ...or after this long with new events.
     pub checkpoint_interval_ms: u64,
-    /// `[audit] readers`: identities (SAN URI) allowed to call the AuditService.
-    pub audit_readers: Vec<String>,
+    /// The policy file's text (`[policy] file`); `HARNESS_POLICY` by default.
+    pub policy: String,
+    /// `[tls] client_crl = "<pki>/ca.crl"`, starting as an empty list signed by the dev CA
+    /// (rewrite it with `CertAuthority::issue_crl`).
+    pub client_crl: bool,
 }
 
 impl Default for ServerOptions {
@@ -82,7 +111,8 @@ impl Default for ServerOptions {
             log_json: false,
             checkpoint_every: 1000,
             checkpoint_interval_ms: 1000,
-            audit_readers: vec![kms_client::pki::client_uri(AUDITOR)],
+            policy: HARNESS_POLICY.to_string(),
+            client_crl: false,
         }
     }
 }
@@ -95,6 +125,8 @@ pub struct KmsServer {
     pub token_dir: PathBuf,
     pub pki_dir: PathBuf,
     pub config_path: PathBuf,
+    /// The policy file the server reads (rewrite it, then `reload`).
+    pub policy_path: PathBuf,
     pub database_url: String,
     /// Server stderr (its logs).
     pub log_path: PathBuf,
@@ -120,6 +152,23 @@ impl KmsServer {
         let clients: Vec<String> = CLIENTS.iter().map(|s| s.to_string()).collect();
         kms_client::pki::init_dev_pki(&pki_dir, &["localhost".to_string()], &clients)
             .map_err(|e| anyhow!("dev PKI: {e}"))?;
+        if options.client_crl {
+            let ca = kms_client::pki::CertAuthority::load(
+                &pki_dir.join("ca.pem"),
+                &pki_dir.join("ca.key"),
+            )
+            .map_err(|e| anyhow!("loading the dev CA: {e}"))?;
+            let now = time::OffsetDateTime::now_utc();
+            let crl = ca
+                .issue_crl(
+                    &[],
+                    1,
+                    now - time::Duration::minutes(5),
+                    now + time::Duration::days(1),
+                )
+                .map_err(|e| anyhow!("CRL: {e}"))?;
+            std::fs::write(pki_dir.join("ca.crl"), crl)?;
+        }
         let database_url = options
             .database_url
             .clone()
@@ -130,7 +179,10 @@ impl KmsServer {
             None
         };
         let config_path = root.join("kms-server.toml");
+        let policy_path = root.join("kms-policy.toml");
+        std::fs::write(&policy_path, &options.policy)?;
         let mut server = KmsServer {
+            policy_path,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_addr,
             token_dir,
@@ -165,6 +217,7 @@ shutdown_grace_secs = 5
 cert = "{pki}/server.pem"
 key = "{pki}/server.key"
 client_ca = "{pki}/ca.pem"
+{crl}
 
 [database]
 url = "{db}"
@@ -187,7 +240,9 @@ key_ttl_ms = {ttl}
 [audit]
 checkpoint_every = {cp_every}
 checkpoint_interval_ms = {cp_interval}
-readers = [{readers}]
+
+[policy]
+file = "{policy}"
 "#,
             pki = self.pki_dir.display(),
             db = self.database_url,
@@ -198,12 +253,12 @@ readers = [{readers}]
             ttl = o.key_cache_ttl_ms,
             cp_every = o.checkpoint_every,
             cp_interval = o.checkpoint_interval_ms,
-            readers = o
-                .audit_readers
-                .iter()
-                .map(|r| format!("{r:?}"))
-                .collect::<Vec<_>>()
-                .join(", "),
+            policy = self.policy_path.display(),
+            crl = if o.client_crl {
+                format!("client_crl = \"{}/ca.crl\"", self.pki_dir.display())
+            } else {
+                String::new()
+            },
         );
         std::fs::write(&self.config_path, text)?;
         Ok(())
@@ -241,6 +296,19 @@ readers = [{readers}]
             .take()
             .ok_or_else(|| anyhow!("server not running"))?;
         signal_child(child, sig, timeout)
+    }
+
+    /// Sends SIGHUP (reload the policy) without waiting for anything.
+    pub fn hangup(&self) -> Result<()> {
+        let pid = self.pid().ok_or_else(|| anyhow!("server not running"))?;
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -HUP {pid} failed");
+        }
+        Ok(())
     }
 
     /// Stops the server (SIGTERM) and starts it again on the same port, token and database.

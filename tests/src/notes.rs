@@ -28,7 +28,19 @@ pub struct NotesOptions {
     pub max_body_bytes: usize,
     pub metrics: bool,
     pub log_json: bool,
+    /// The `[[callers]]` entries (TOML); by default "app" may act for every site.
+    pub callers: String,
+    /// notes-store's client certificate and key for the KMS; `None`: the dev PKI's
+    /// "notes-store" client.
+    pub kms_client_cert: Option<(PathBuf, PathBuf)>,
 }
+
+/// The callers every test notes-store gets unless `NotesOptions::callers` says otherwise.
+pub const DEFAULT_CALLERS: &str = r#"
+[[callers]]
+identity = "spiffe://dev.clinic/client/app"
+sites = ["*"]
+"#;
 
 impl Default for NotesOptions {
     fn default() -> Self {
@@ -37,6 +49,8 @@ impl Default for NotesOptions {
             max_body_bytes: 64 * 1024,
             metrics: false,
             log_json: false,
+            callers: DEFAULT_CALLERS.to_string(),
+            kms_client_cert: None,
         }
     }
 }
@@ -75,6 +89,10 @@ impl NotesServer {
             None
         };
         let pki = kms.pki_dir.display().to_string();
+        let (kms_cert, kms_key_file) = options
+            .kms_client_cert
+            .clone()
+            .unwrap_or_else(|| kms.cert_paths("notes-store"));
         let metrics = metrics_addr
             .map(|a| format!("metrics_listen = \"{a}\""))
             .unwrap_or_default();
@@ -97,8 +115,8 @@ url = "{database_url}"
 [kms]
 endpoints = ["{kms_endpoint}"]
 ca = "{pki}/ca.pem"
-client_cert = "{pki}/notes-store.pem"
-client_key = "{pki}/notes-store.key"
+client_cert = "{kms_cert}"
+client_key = "{kms_key_file}"
 kms_key = "{NOTES_KEY}"
 request_timeout_ms = 3000
 connect_timeout_ms = 1000
@@ -107,7 +125,11 @@ max_retries = 0
 [log]
 format = "{fmt}"
 level = "info"
+{callers}
 "#,
+            callers = options.callers,
+            kms_cert = kms_cert.display(),
+            kms_key_file = kms_key_file.display(),
             max_body = options.max_body_bytes,
             kms_endpoint = kms.endpoint(),
             fmt = if options.log_json { "json" } else { "text" },

@@ -4,8 +4,9 @@
 use std::{fmt, fs, path::Path};
 
 use rcgen::{
-    string::Ia5String, BasicConstraints, CertificateParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    string::Ia5String, BasicConstraints, CertificateParams, CertificateRevocationListParams,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, RevokedCertParams, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, pem::Pem};
@@ -182,6 +183,44 @@ impl CertAuthority {
             cert_pem: cert.pem(),
             key_pem: Zeroizing::new(key.serialize_pem()),
         })
+    }
+
+    /// A certificate revocation list (PEM) revoking the given certificates (PEM), valid from
+    /// `this_update` to `next_update`. `crl_number` must grow with each new list.
+    pub fn issue_crl(
+        &self,
+        revoked_cert_pems: &[&str],
+        crl_number: u64,
+        this_update: OffsetDateTime,
+        next_update: OffsetDateTime,
+    ) -> Result<String, PkiError> {
+        let mut revoked_certs = Vec::new();
+        for pem in revoked_cert_pems {
+            let der = pem_to_cert_der(pem.as_bytes()).ok_or(PkiError::InvalidName {
+                name: "revoked certificate".into(),
+                reason: "not a PEM certificate",
+            })?;
+            let (_, cert) =
+                x509_parser::parse_x509_certificate(&der).map_err(|_| PkiError::InvalidName {
+                    name: "revoked certificate".into(),
+                    reason: "not a parsable certificate",
+                })?;
+            revoked_certs.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(cert.raw_serial()),
+                revocation_time: this_update,
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+        let params = CertificateRevocationListParams {
+            this_update,
+            next_update,
+            crl_number: SerialNumber::from(crl_number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
     }
 
     /// Whether `cert_pem` is a certificate whose signature verifies with this CA's key.

@@ -72,6 +72,13 @@ fn ctx_tag(ctx: &std::collections::HashMap<String, String>) -> Vec<u8> {
 
 #[tonic::async_trait]
 impl KeyManagementService for Svc {
+    async fn who_am_i(
+        &self,
+        r: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        self.gate(&r).await?;
+        Ok(Response::new(pb::WhoAmIResponse::default()))
+    }
     async fn create_key(
         &self,
         r: Request<pb::CreateKeyRequest>,

@@ -5,13 +5,13 @@
 //! `writer` owns the chain (one per node) and does group commit; `store` is the trait the
 //! databases implement (`sqlite`, `postgres`).
 
-pub mod store;
 mod postgres;
-mod sqlite;
-mod writer;
 pub mod service;
+mod sqlite;
+pub mod store;
+mod writer;
 
-pub use store::{AuditStore, EventFilter};
 pub use service::AuditApi;
-pub use writer::{AuditLog, AuditSettings};
+pub use store::{AuditStore, EventFilter};
 pub(crate) use writer::now_ms;
+pub use writer::{AuditLog, AuditSettings};

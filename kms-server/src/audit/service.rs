@@ -1,6 +1,6 @@
 //! gRPC handlers for `kms.v1.AuditService`: query, live tail, public key, server-side
-//! verification and export. Only identities listed in `audit.readers` may call them (deny by
-//! default); every call, allowed or denied, is itself audited.
+//! verification and export. Only callers holding the auditor role in the policy may call them
+//! (deny by default); every call, allowed or denied, is itself audited.
 
 use std::pin::Pin;
 
@@ -13,8 +13,10 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::{AuditLog, EventFilter};
+use crate::context::EncryptionContext;
 use crate::error::KmsError;
-use crate::service::{observe, validate, Call};
+use crate::policy::{Permission, PolicyStore};
+use crate::service::{authorize, observe, validate, Call};
 
 /// Events read from the store per round trip when exporting or verifying.
 const EXPORT_CHUNK: u32 = 1000;
@@ -22,23 +24,23 @@ const EXPORT_CHUNK: u32 = 1000;
 #[derive(Clone)]
 pub struct AuditApi {
     audit: AuditLog,
-    /// Identity names (SAN URI or CN) allowed to read the audit log.
-    readers: std::sync::Arc<Vec<String>>,
+    policy: PolicyStore,
 }
 
 impl AuditApi {
-    pub fn new(audit: AuditLog, readers: Vec<String>) -> Self {
-        AuditApi { audit, readers: std::sync::Arc::new(readers) }
+    pub fn new(audit: AuditLog, policy: PolicyStore) -> Self {
+        AuditApi { audit, policy }
     }
 
+    /// kms:ReadAuditLog, which only the auditor role holds.
     fn authorize(&self, call: &Call) -> Result<(), KmsError> {
-        match &call.identity {
-            Some(id) if self.readers.iter().any(|r| r == &id.name) => {
-                call.role("auditor");
-                Ok(())
-            }
-            _ => Err(KmsError::PermissionDenied("missing permission kms:ReadAuditLog (auditor role)".into())),
-        }
+        authorize(
+            &self.policy,
+            call,
+            Permission::ReadAuditLog,
+            None,
+            &EncryptionContext::default(),
+        )
     }
 
     /// Every record of this node from `from_seq` to `to_seq` (inclusive; 0 = open), in order.
@@ -53,7 +55,11 @@ impl AuditApi {
                 to_seq: (to_seq > 0).then_some(to_seq),
                 ..EventFilter::default()
             };
-            let page = self.audit.store().query_events(&filter, EXPORT_CHUNK).await?;
+            let page = self
+                .audit
+                .store()
+                .query_events(&filter, EXPORT_CHUNK)
+                .await?;
             let Some(last) = page.last() else { break };
             after = last.seq;
             let full = page.len() as u32 == EXPORT_CHUNK;
@@ -104,7 +110,9 @@ impl AuditService for AuditApi {
             let q = r.into_inner();
             let limit = validate::page_size(q.page_size)?;
             if q.context_key.is_empty() != q.context_value.is_empty() {
-                return Err(KmsError::invalid("context_key and context_value go together"));
+                return Err(KmsError::invalid(
+                    "context_key and context_value go together",
+                ));
             }
             let filter = EventFilter {
                 node_id: Some(self.audit.node_id().to_string()),
@@ -125,7 +133,10 @@ impl AuditService for AuditApi {
                 (true, Some(last)) => page_token(last.seq),
                 _ => String::new(),
             };
-            Ok(pb::QueryAuditEventsResponse { events: events.into_iter().map(Into::into).collect(), next_page_token })
+            Ok(pb::QueryAuditEventsResponse {
+                events: events.into_iter().map(Into::into).collect(),
+                next_page_token,
+            })
         })
         .await
     }
@@ -141,7 +152,9 @@ impl AuditService for AuditApi {
             let live = BroadcastStream::new(self.audit.subscribe()).map(|item| match item {
                 Ok(event) => Ok(pb::AuditEvent::from(event)),
                 // The tail fell behind the writer: say so rather than silently skipping events.
-                Err(_) => Err(Status::data_loss("live tail fell behind; query the missed range")),
+                Err(_) => Err(Status::data_loss(
+                    "live tail fell behind; query the missed range",
+                )),
             });
             Ok(Box::pin(live) as EventStream)
         })
@@ -155,7 +168,9 @@ impl AuditService for AuditApi {
         observe(&self.audit, "GetAuditPublicKey", r, |_r, call| async move {
             self.authorize(&call)?;
             let key = self.audit.public_key();
-            let public_key_pem = key.to_pem().map_err(|e| KmsError::Internal(e.to_string()))?;
+            let public_key_pem = key
+                .to_pem()
+                .map_err(|e| KmsError::Internal(e.to_string()))?;
             Ok(pb::GetAuditPublicKeyResponse {
                 public_key_pem,
                 fingerprint: key.fingerprint().to_string(),
@@ -202,7 +217,8 @@ impl AuditService for AuditApi {
             // Sign the current head so the export is covered up to its last event.
             self.audit.checkpoint_now().await?;
             let records = self.records(q.from_seq, q.to_seq).await?;
-            let stream = tokio_stream::iter(records.into_iter().map(|r| Ok(pb::AuditRecord::from(r))));
+            let stream =
+                tokio_stream::iter(records.into_iter().map(|r| Ok(pb::AuditRecord::from(r))));
             Ok(Box::pin(stream) as RecordStream)
         })
         .await

@@ -10,7 +10,7 @@
 
 use async_trait::async_trait;
 use kms_audit::{AuditEvent, Checkpoint};
-use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+use sqlx::{Connection, QueryBuilder, Sqlite, SqliteConnection};
 
 use super::store::{
     checkpoint_from_json, checkpoint_to_json, event_from_json, events_query, index_text,
@@ -40,28 +40,18 @@ impl AuditStore for SqliteStore {
         let Some(batch) = EventBatch::prepare(events)? else {
             return Ok(());
         };
-        let mut tx = self
-            .pool()
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(map_err)?;
-        // Under the write lock: no other writer can move the head before COMMIT.
-        let head: Option<(i64, String)> = sqlx::query_as(
-            "SELECT seq, hash FROM audit_events WHERE node_id = ?1 ORDER BY seq DESC LIMIT 1",
-        )
-        .bind(&batch.node_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        batch.check_continues(head)?;
-        for chunk in batch.events.chunks(EVENT_ROWS_PER_INSERT) {
-            insert_events(&mut tx, &batch.node_id, chunk).await?;
+        let mut conn = self.pool().acquire().await.map_err(map_err)?;
+        let result = append_batch(&mut conn, &batch).await;
+        if result.is_err() {
+            // When COMMIT fails (e.g. "disk I/O error" writing the WAL), SQLite has already
+            // rolled the transaction back; sqlx's own ROLLBACK then fails and leaves the
+            // connection at transaction depth 1, so every later `begin_with` on it would fail
+            // ("attempted to call begin_with at non-zero transaction depth") long after the
+            // disk is writable again, while plain statements (the health probe) still work.
+            // Such a connection must not go back to the pool: close it; the pool opens anew.
+            conn.close_on_drop();
         }
-        for chunk in batch.context.chunks(CONTEXT_ROWS_PER_INSERT) {
-            insert_context(&mut tx, &batch.node_id, chunk).await?;
-        }
-        // Dropping `tx` on any error above rolls the whole batch back.
-        tx.commit().await.map_err(map_err)
+        result
     }
 
     async fn append_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
@@ -141,6 +131,28 @@ impl AuditStore for SqliteStore {
             ))
         }
     }
+}
+
+/// One batch in one `BEGIN IMMEDIATE` transaction (see the module docs).
+async fn append_batch(conn: &mut SqliteConnection, batch: &EventBatch) -> Result<(), StoreError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+    // Under the write lock: no other writer can move the head before COMMIT.
+    let head: Option<(i64, String)> = sqlx::query_as(
+        "SELECT seq, hash FROM audit_events WHERE node_id = ?1 ORDER BY seq DESC LIMIT 1",
+    )
+    .bind(&batch.node_id)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(map_err)?;
+    batch.check_continues(head)?;
+    for chunk in batch.events.chunks(EVENT_ROWS_PER_INSERT) {
+        insert_events(&mut tx, &batch.node_id, chunk).await?;
+    }
+    for chunk in batch.context.chunks(CONTEXT_ROWS_PER_INSERT) {
+        insert_context(&mut tx, &batch.node_id, chunk).await?;
+    }
+    // Dropping `tx` on any error above rolls the whole batch back.
+    tx.commit().await.map_err(map_err)
 }
 
 async fn insert_events(

@@ -216,6 +216,11 @@ pub(super) fn probe_time_ms() -> i64 {
 
 /// `SELECT e.event_json FROM audit_events AS e WHERE …` for `filter`, ordered by (node_id,
 /// seq), at most `limit` rows. Every value is a bound parameter; only fixed SQL is pushed.
+///
+/// The context filter is a semi-join on `audit_event_context` written as a row-value `IN`, not
+/// `EXISTS`: the same rows, but SQLite (3.51) runs a correlated `EXISTS` once per candidate
+/// event (a scan of the whole chain for a rare client), while `IN` reads the `(k, v)` index.
+/// PostgreSQL plans both as the same semi-join.
 pub(super) fn events_query<DB>(filter: &EventFilter, limit: u32) -> QueryBuilder<DB>
 where
     DB: Database,
@@ -250,8 +255,8 @@ where
     }
     if let Some((k, v)) = &filter.context {
         q.push(
-            " AND EXISTS (SELECT 1 FROM audit_event_context AS c \
-             WHERE c.node_id = e.node_id AND c.seq = e.seq AND c.k = ",
+            " AND (e.node_id, e.seq) IN (SELECT c.node_id, c.seq FROM audit_event_context AS c \
+             WHERE c.k = ",
         )
         .push_bind(index_text(k))
         .push(" AND c.v = ")

@@ -45,8 +45,11 @@ impl AuditSettings {
     }
 }
 
+/// Where an appended event's sequence number (or the write error) is sent.
+type Ack = oneshot::Sender<Result<u64, String>>;
+
 enum Command {
-    Append(Box<EventFields>, oneshot::Sender<Result<u64, String>>),
+    Append(Box<EventFields>, Ack),
     Checkpoint(oneshot::Sender<Result<Option<Checkpoint>, String>>),
 }
 
@@ -69,7 +72,8 @@ impl AuditLog {
         settings: AuditSettings,
     ) -> Result<AuditLog, KmsError> {
         let chain = match store.last_event(&settings.node_id).await? {
-            Some(last) => Chain::resume_from(&last).map_err(|e| KmsError::Internal(format!("audit chain: {e}")))?,
+            Some(last) => Chain::resume_from(&last)
+                .map_err(|e| KmsError::Internal(format!("audit chain: {e}")))?,
             None => Chain::genesis(settings.node_id.clone()),
         };
         let b = backend.clone();
@@ -95,7 +99,14 @@ impl AuditLog {
             last_checkpoint: Instant::now(),
         };
         tokio::spawn(writer.run(rx));
-        Ok(AuditLog { tx, live, healthy, public_key, store, settings })
+        Ok(AuditLog {
+            tx,
+            live,
+            healthy,
+            public_key,
+            store,
+            settings,
+        })
     }
 
     /// Appends an event and waits until it is durable. Returns its sequence number.
@@ -109,9 +120,13 @@ impl AuditLog {
         }
         match tokio::time::timeout(self.settings.commit_timeout, wait).await {
             Ok(Ok(Ok(seq))) => Ok(seq),
-            Ok(Ok(Err(e))) => Err(KmsError::Unavailable(format!("audit record could not be stored: {e}"))),
+            Ok(Ok(Err(e))) => Err(KmsError::Unavailable(format!(
+                "audit record could not be stored: {e}"
+            ))),
             Ok(Err(_)) => Err(KmsError::Unavailable("audit writer stopped".into())),
-            Err(_) => Err(KmsError::Unavailable("audit record was not committed in time".into())),
+            Err(_) => Err(KmsError::Unavailable(
+                "audit record was not committed in time".into(),
+            )),
         }
     }
 
@@ -123,8 +138,12 @@ impl AuditLog {
             .await
             .map_err(|_| KmsError::Unavailable("audit log is shut down".into()))?;
         match tokio::time::timeout(self.settings.commit_timeout, wait).await {
-            Ok(Ok(r)) => r.map_err(|e| KmsError::Unavailable(format!("audit checkpoint failed: {e}"))),
-            _ => Err(KmsError::Unavailable("audit checkpoint was not written in time".into())),
+            Ok(Ok(r)) => {
+                r.map_err(|e| KmsError::Unavailable(format!("audit checkpoint failed: {e}")))
+            }
+            _ => Err(KmsError::Unavailable(
+                "audit checkpoint was not written in time".into(),
+            )),
         }
     }
 
@@ -174,7 +193,10 @@ struct Writer {
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         loop {
-            let wait = self.settings.checkpoint_interval.saturating_sub(self.last_checkpoint.elapsed());
+            let wait = self
+                .settings
+                .checkpoint_interval
+                .saturating_sub(self.last_checkpoint.elapsed());
             let first = tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(c) => Some(c),
@@ -201,7 +223,8 @@ impl Writer {
                 self.commit(appends).await;
             }
             let due = self.since_checkpoint >= self.settings.checkpoint_every
-                || (self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.settings.checkpoint_interval);
+                || (self.since_checkpoint > 0
+                    && self.last_checkpoint.elapsed() >= self.settings.checkpoint_interval);
             if due || !checkpoint_waiters.is_empty() {
                 let result = self.checkpoint().await;
                 if let Err(e) = &result {
@@ -222,7 +245,7 @@ impl Writer {
         }
     }
 
-    async fn commit(&mut self, appends: Vec<(Box<EventFields>, oneshot::Sender<Result<u64, String>>)>) {
+    async fn commit(&mut self, appends: Vec<(Box<EventFields>, Ack)>) {
         let mut next = self.chain.clone();
         let mut events = Vec::with_capacity(appends.len());
         let mut waiters = Vec::with_capacity(appends.len());
@@ -260,7 +283,10 @@ impl Writer {
     }
 
     async fn checkpoint(&mut self) -> Result<Option<Checkpoint>, String> {
-        let Some(mut cp) = self.chain.checkpoint(now_ms(), self.public_key.fingerprint()) else {
+        let Some(mut cp) = self
+            .chain
+            .checkpoint(now_ms(), self.public_key.fingerprint())
+        else {
             return Ok(None);
         };
         let digest = cp.digest();
@@ -271,8 +297,12 @@ impl Writer {
             .map_err(|e| e.to_string())?;
         cp.set_signature(&signature).map_err(|e| e.to_string())?;
         // A signature that does not verify must never be stored.
-        cp.verify_signature(&self.public_key).map_err(|e| e.to_string())?;
-        self.store.append_checkpoint(&cp).await.map_err(|e| e.to_string())?;
+        cp.verify_signature(&self.public_key)
+            .map_err(|e| e.to_string())?;
+        self.store
+            .append_checkpoint(&cp)
+            .await
+            .map_err(|e| e.to_string())?;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         Ok(Some(cp))

@@ -111,11 +111,17 @@ pub trait KeyBackend: Send + Sync {
     /// created on first use), as the device reports it: an uncompressed SEC1 point, possibly
     /// DER-wrapped (CKA_EC_POINT).
     fn audit_public_key(&self) -> Result<Vec<u8>, BackendError> {
-        Err(BackendError::Internal(format!("{} backend cannot sign audit checkpoints", self.kind())))
+        Err(BackendError::Internal(format!(
+            "{} backend cannot sign audit checkpoints",
+            self.kind()
+        )))
     }
     /// Signs a SHA-256 digest with the audit signing key: raw r||s, 64 bytes.
     fn sign_audit_digest(&self, _digest: &[u8; 32]) -> Result<Vec<u8>, BackendError> {
-        Err(BackendError::Internal(format!("{} backend cannot sign audit checkpoints", self.kind())))
+        Err(BackendError::Internal(format!(
+            "{} backend cannot sign audit checkpoints",
+            self.kind()
+        )))
     }
     /// Device sessions (in use, waiting for one, idle), for metrics.
     fn session_usage(&self) -> (usize, usize, usize) {

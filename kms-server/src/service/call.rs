@@ -32,7 +32,11 @@ pub struct Call {
 
 impl Call {
     pub fn new(identity: Option<Identity>, request_id: String) -> Self {
-        Call { identity, request_id, note: Arc::default() }
+        Call {
+            identity,
+            request_id,
+            note: Arc::default(),
+        }
     }
 
     fn with_note(&self, f: impl FnOnce(&mut AuditNote)) {
@@ -76,7 +80,13 @@ impl Call {
     }
 
     /// The audit fields for this call with its outcome.
-    pub fn into_fields(self, operation: &str, outcome: &str, latency_us: u64, detail: String) -> EventFields {
+    pub fn into_fields(
+        self,
+        operation: &str,
+        outcome: &str,
+        latency_us: u64,
+        detail: String,
+    ) -> EventFields {
         let note = match self.note.lock() {
             Ok(mut n) => std::mem::take(&mut *n),
             Err(_) => AuditNote::default(),
@@ -99,7 +109,11 @@ impl Call {
             purpose: note.purpose,
             outcome: outcome.to_string(),
             latency_us,
-            detail: if detail.is_empty() { note.detail } else { detail },
+            detail: if detail.is_empty() {
+                note.detail
+            } else {
+                detail
+            },
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::backend::Sealed;
 use crate::context::EncryptionContext;
 use crate::envelope::{self, Envelope};
 use crate::error::KmsError;
+use crate::policy::Permission;
 use crate::store::{KeyRecord, KeyVersionRecord, VersionState};
 
 /// Data keys are AES-256 keys.
@@ -83,11 +84,13 @@ impl KmsService {
         Ok(self.sealed_blob(key, version.version, sealed))
     }
 
-    /// Parses, checks and opens a blob. Returns the plaintext and the key it was sealed under.
+    /// Parses, checks, authorizes (`permission` on the key named in the blob) and opens a
+    /// blob. Returns the plaintext and the key it was sealed under.
     async fn open_blob(
         &self,
         blob: &[u8],
         context: &EncryptionContext,
+        permission: Permission,
         call: &Call,
     ) -> Result<(Zeroizing<Vec<u8>>, KeyRecord, u32), KmsError> {
         if blob.is_empty() {
@@ -103,6 +106,12 @@ impl KmsService {
             )));
         }
         let key = self.key_by_id(env.key_id).await?;
+        self.authorize(
+            call,
+            permission,
+            Some((&key, &KeyRef::Id(env.key_id))),
+            context,
+        )?;
         Self::require_enabled(&key)?;
         let version = self.version(&key, env.key_version).await?;
         if version.state != VersionState::Enabled {
@@ -124,6 +133,7 @@ impl KmsService {
     pub(super) async fn handle_generate_data_key(
         &self,
         req: pb::GenerateDataKeyRequest,
+        permission: Permission,
         call: Call,
     ) -> Result<pb::GenerateDataKeyResponse, KmsError> {
         let key_ref = validate::key_ref("key", &req.key)?;
@@ -131,6 +141,7 @@ impl KmsService {
         call.context(&context);
         let key = self.resolve(&key_ref).await?;
         call.key(key.key_id, None);
+        self.authorize(&call, permission, Some((&key, &key_ref)), &context)?;
         let (version, aad) = self.seal_target(&key, &context).await?;
         call.key(key.key_id, Some(version.version));
         let backend_ref = version.backend_ref;
@@ -164,6 +175,7 @@ impl KmsService {
         call.context(&context);
         let key = self.resolve(&key_ref).await?;
         call.key(key.key_id, None);
+        self.authorize(&call, Permission::Encrypt, Some((&key, &key_ref)), &context)?;
         let sealed = self.seal_under(&key, &context, plaintext).await?;
         call.key(key.key_id, Some(sealed.key_version));
         Ok(pb::EncryptResponse {
@@ -186,7 +198,7 @@ impl KmsService {
             call.actor(&audit.acting_user, &audit.purpose);
         }
         let (plaintext, key, version) = self
-            .open_blob(&req.ciphertext_blob, &context, &call)
+            .open_blob(&req.ciphertext_blob, &context, Permission::Decrypt, &call)
             .await?;
         Ok(pb::DecryptResponse {
             plaintext: plaintext.to_vec(),
@@ -223,14 +235,27 @@ impl KmsService {
             call.actor(&audit.acting_user, &audit.purpose);
         }
         let (plaintext, source_key, source_version) = self
-            .open_blob(&req.ciphertext_blob, &source_context, &call)
+            .open_blob(
+                &req.ciphertext_blob,
+                &source_context,
+                Permission::ReEncrypt,
+                &call,
+            )
             .await?;
-        let dest_key = match dest_ref {
-            None => self.key_by_id(source_key.key_id).await?,
-            Some(r @ (KeyRef::Id(_) | KeyRef::Alias(_))) => self.resolve(&r).await?,
-        };
+        // The destination is authorized on its own, under the destination context.
+        let dest_ref = dest_ref.unwrap_or(KeyRef::Id(source_key.key_id));
+        let dest_key = self.resolve(&dest_ref).await?;
+        self.authorize(
+            &call,
+            Permission::ReEncrypt,
+            Some((&dest_key, &dest_ref)),
+            &dest_context,
+        )?;
         let sealed = self.seal_under(&dest_key, &dest_context, plaintext).await?;
-        call.detail(format!("re-encrypted to key {} version {}", sealed.key_id, sealed.key_version));
+        call.detail(format!(
+            "re-encrypted to key {} version {}",
+            sealed.key_id, sealed.key_version
+        ));
         Ok(pb::ReEncryptResponse {
             ciphertext_blob: sealed.blob,
             source_key_id: source_key.key_id.to_string(),

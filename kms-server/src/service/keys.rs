@@ -5,7 +5,9 @@ use uuid::Uuid;
 
 use super::validate::{self, KeyRef};
 use super::{metadata, Call, KmsService};
+use crate::context::EncryptionContext;
 use crate::error::KmsError;
+use crate::policy::Permission;
 use crate::store::{KeyRecord, KeyState, KeyVersionRecord, VersionState};
 
 /// The backend object name of a key version. Not secret; unique per key and version.
@@ -33,6 +35,12 @@ impl KmsService {
             Some(req.alias)
         };
         validate::description(&req.description)?;
+        self.authorize(
+            &call,
+            Permission::CreateKey,
+            None,
+            &EncryptionContext::default(),
+        )?;
         if let Some(a) = &alias {
             if self.store().get_key_by_alias(a).await?.is_some() {
                 return Err(KmsError::AlreadyExists(format!(
@@ -88,17 +96,32 @@ impl KmsService {
         // Administrative reads go to the database so they show the latest state.
         let key = self.resolve_uncached(&key_ref).await?;
         call.key(key.key_id, None);
+        self.authorize(
+            &call,
+            Permission::DescribeKey,
+            Some((&key, &key_ref)),
+            &EncryptionContext::default(),
+        )?;
         Ok(pb::DescribeKeyResponse {
             key: Some(metadata(&key)),
         })
     }
 
+    /// Key-admins and auditors list every key; services are refused (they name the keys they
+    /// use, and a list would tell them which other keys exist).
     pub(super) async fn handle_list_keys(
         &self,
         req: pb::ListKeysRequest,
+        call: Call,
     ) -> Result<pb::ListKeysResponse, KmsError> {
         let limit = validate::page_size(req.page_size)?;
         let after = validate::decode_page_token(&req.page_token)?;
+        self.authorize(
+            &call,
+            Permission::ListKeys,
+            None,
+            &EncryptionContext::default(),
+        )?;
         // One extra row tells whether another page exists.
         let mut keys = self.store().list_keys(after, limit + 1).await?;
         let more = keys.len() > limit as usize;
@@ -117,11 +140,18 @@ impl KmsService {
         &self,
         key: &str,
         state: KeyState,
+        permission: Permission,
         call: Call,
     ) -> Result<pb::KeyMetadata, KmsError> {
         let key_ref = validate::key_ref("key", key)?;
         let current = self.resolve_uncached(&key_ref).await?;
         call.key(current.key_id, None);
+        self.authorize(
+            &call,
+            permission,
+            Some((&current, &key_ref)),
+            &EncryptionContext::default(),
+        )?;
         if current.state == KeyState::PendingDeletion {
             return Err(KmsError::FailedPrecondition(format!(
                 "key {} is pending deletion; cancel the deletion first",
@@ -143,11 +173,6 @@ impl KmsService {
             KeyRef::Id(id) => self.store().get_key(*id).await?,
             KeyRef::Alias(a) => self.store().get_key_by_alias(a).await?,
         };
-        found.ok_or_else(|| {
-            KmsError::NotFound(match key {
-                KeyRef::Id(id) => format!("key {id} not found"),
-                KeyRef::Alias(a) => format!("key {a:?} not found"),
-            })
-        })
+        found.ok_or_else(|| validate::not_found(key))
     }
 }

@@ -1,4 +1,5 @@
-//! gRPC handlers for `kms.v1.KeyManagementService`: validate → resolve key → backend → answer.
+//! gRPC handlers for `kms.v1.KeyManagementService`: validate → resolve key → authorize →
+//! backend → answer.
 //!
 //! The trait impl at the bottom is thin: each RPC wraps its handler in `observe`, which gives
 //! it a request id and a tracing span, records metrics, and converts `KmsError` to a status.
@@ -22,7 +23,9 @@ use uuid::Uuid;
 
 use crate::audit::AuditLog;
 use crate::backend::KeyBackend;
+use crate::context::EncryptionContext;
 use crate::error::KmsError;
+use crate::policy::{Decision, KeyName, Permission, PolicyStore, Question};
 use crate::store::{KeyRecord, KeyState, KeyStore, KeyVersionRecord};
 use cache::KeyCache;
 pub use call::Call;
@@ -39,6 +42,7 @@ struct Inner {
     backend: Arc<dyn KeyBackend>,
     cache: KeyCache,
     audit: AuditLog,
+    policy: PolicyStore,
 }
 
 impl KmsService {
@@ -46,6 +50,7 @@ impl KmsService {
         store: Arc<dyn KeyStore>,
         backend: Arc<dyn KeyBackend>,
         audit: AuditLog,
+        policy: PolicyStore,
         key_cache_ttl: Duration,
     ) -> Self {
         KmsService {
@@ -53,6 +58,7 @@ impl KmsService {
                 store,
                 backend,
                 audit,
+                policy,
                 cache: KeyCache::new(key_cache_ttl),
             }),
         }
@@ -81,10 +87,11 @@ impl KmsService {
             KeyRef::Alias(alias) => match self.inner.cache.alias(alias) {
                 Some(id) => id,
                 None => {
-                    let rec =
-                        self.store().get_key_by_alias(alias).await?.ok_or_else(|| {
-                            KmsError::NotFound(format!("key {alias:?} not found"))
-                        })?;
+                    let rec = self
+                        .store()
+                        .get_key_by_alias(alias)
+                        .await?
+                        .ok_or_else(|| validate::not_found(key))?;
                     self.inner.cache.put_key(&rec);
                     return Ok(rec);
                 }
@@ -101,7 +108,7 @@ impl KmsService {
             .store()
             .get_key(id)
             .await?
-            .ok_or_else(|| KmsError::NotFound(format!("key {id} not found")))?;
+            .ok_or_else(|| validate::not_found(&KeyRef::Id(id)))?;
         self.inner.cache.put_key(&rec);
         Ok(rec)
     }
@@ -121,6 +128,18 @@ impl KmsService {
         Ok(v)
     }
 
+    /// Asks the policy whether the caller may use `permission` (on `key`, named by the caller
+    /// as `named`, under `context`).
+    fn authorize(
+        &self,
+        call: &Call,
+        permission: Permission,
+        key: Option<(&KeyRecord, &KeyRef)>,
+        context: &EncryptionContext,
+    ) -> Result<(), KmsError> {
+        authorize(&self.inner.policy, call, permission, key, context)
+    }
+
     /// Refuses cryptographic use of a key that is not enabled.
     fn require_enabled(key: &KeyRecord) -> Result<(), KmsError> {
         match key.state {
@@ -131,6 +150,45 @@ impl KmsService {
                 other.as_str()
             ))),
         }
+    }
+}
+
+/// The one authorization helper of every handler: asks the policy in force, records the role
+/// that allowed the call on its audit note, and turns a refusal into PERMISSION_DENIED (naming
+/// what is missing) or, when the caller has no right on the key at all, into exactly the
+/// NOT_FOUND a missing key named the same way (`named`) gets.
+pub(crate) fn authorize(
+    policy: &PolicyStore,
+    call: &Call,
+    permission: Permission,
+    key: Option<(&KeyRecord, &KeyRef)>,
+    context: &EncryptionContext,
+) -> Result<(), KmsError> {
+    let Some(identity) = &call.identity else {
+        return Err(KmsError::PermissionDenied(format!(
+            "missing permission {permission}: no client identity"
+        )));
+    };
+    let id = key.map(|(k, _)| k.key_id.to_string());
+    let question = Question {
+        identity: &identity.name,
+        permission,
+        key: key.zip(id.as_deref()).map(|((k, _), id)| KeyName {
+            id,
+            alias: k.alias.as_deref(),
+        }),
+        context: context.pairs(),
+    };
+    match policy.current().evaluate(&question) {
+        Decision::Allow { role } => {
+            call.role(role.name());
+            Ok(())
+        }
+        Decision::Deny(msg) => Err(KmsError::PermissionDenied(msg)),
+        Decision::Hidden => Err(match key {
+            Some((_, named)) => validate::not_found(named),
+            None => KmsError::PermissionDenied(format!("missing permission {permission}")),
+        }),
     }
 }
 
@@ -190,7 +248,10 @@ where
     let started = Instant::now();
     let rid = request_id(&req);
     let identity = crate::auth::peer_identity(&req);
-    let peer = identity.as_ref().map_or("<unauthenticated>", |i| i.name.as_str()).to_string();
+    let peer = identity
+        .as_ref()
+        .map_or("<unauthenticated>", |i| i.name.as_str())
+        .to_string();
     let span = tracing::info_span!("rpc", rpc, request_id = %rid, peer = %peer);
     let call = Call::new(identity, rid.clone());
     let mut result = handler(req, call.clone()).instrument(span.clone()).await;
@@ -230,7 +291,10 @@ impl KeyManagementService for KmsService {
         &self,
         r: Request<pb::CreateKeyRequest>,
     ) -> Result<Response<pb::CreateKeyResponse>, Status> {
-        self.observe("CreateKey", r, |r, call| self.handle_create_key(r.into_inner(), call)).await
+        self.observe("CreateKey", r, |r, call| {
+            self.handle_create_key(r.into_inner(), call)
+        })
+        .await
     }
     async fn describe_key(
         &self,
@@ -245,7 +309,10 @@ impl KeyManagementService for KmsService {
         &self,
         r: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
-        self.observe("ListKeys", r, |r, _call| self.handle_list_keys(r.into_inner())).await
+        self.observe("ListKeys", r, |r, call| {
+            self.handle_list_keys(r.into_inner(), call)
+        })
+        .await
     }
     async fn enable_key(
         &self,
@@ -253,7 +320,12 @@ impl KeyManagementService for KmsService {
     ) -> Result<Response<pb::EnableKeyResponse>, Status> {
         self.observe("EnableKey", r, |r, call| async move {
             let key = self
-                .handle_set_state(&r.into_inner().key, KeyState::Enabled, call)
+                .handle_set_state(
+                    &r.into_inner().key,
+                    KeyState::Enabled,
+                    Permission::EnableKey,
+                    call,
+                )
                 .await?;
             Ok(pb::EnableKeyResponse { key: Some(key) })
         })
@@ -265,7 +337,12 @@ impl KeyManagementService for KmsService {
     ) -> Result<Response<pb::DisableKeyResponse>, Status> {
         self.observe("DisableKey", r, |r, call| async move {
             let key = self
-                .handle_set_state(&r.into_inner().key, KeyState::Disabled, call)
+                .handle_set_state(
+                    &r.into_inner().key,
+                    KeyState::Disabled,
+                    Permission::DisableKey,
+                    call,
+                )
                 .await?;
             Ok(pb::DisableKeyResponse { key: Some(key) })
         })
@@ -276,7 +353,7 @@ impl KeyManagementService for KmsService {
         r: Request<pb::GenerateDataKeyRequest>,
     ) -> Result<Response<pb::GenerateDataKeyResponse>, Status> {
         self.observe("GenerateDataKey", r, |r, call| {
-            self.handle_generate_data_key(r.into_inner(), call)
+            self.handle_generate_data_key(r.into_inner(), Permission::GenerateDataKey, call)
         })
         .await
     }
@@ -287,10 +364,14 @@ impl KeyManagementService for KmsService {
         self.observe("GenerateDataKeyWithoutPlaintext", r, |r, call| async move {
             let r = r.into_inner();
             let full = self
-                .handle_generate_data_key(pb::GenerateDataKeyRequest {
-                    key: r.key,
-                    encryption_context: r.encryption_context,
-                }, call)
+                .handle_generate_data_key(
+                    pb::GenerateDataKeyRequest {
+                        key: r.key,
+                        encryption_context: r.encryption_context,
+                    },
+                    Permission::GenerateDataKeyWithoutPlaintext,
+                    call,
+                )
                 .await?;
             // `full.plaintext` is dropped here; prost buffers are plain Vec, so wipe it.
             let mut plaintext = full.plaintext;
@@ -307,18 +388,51 @@ impl KeyManagementService for KmsService {
         &self,
         r: Request<pb::EncryptRequest>,
     ) -> Result<Response<pb::EncryptResponse>, Status> {
-        self.observe("Encrypt", r, |r, call| self.handle_encrypt(r.into_inner(), call)).await
+        self.observe("Encrypt", r, |r, call| {
+            self.handle_encrypt(r.into_inner(), call)
+        })
+        .await
     }
     async fn decrypt(
         &self,
         r: Request<pb::DecryptRequest>,
     ) -> Result<Response<pb::DecryptResponse>, Status> {
-        self.observe("Decrypt", r, |r, call| self.handle_decrypt(r.into_inner(), call)).await
+        self.observe("Decrypt", r, |r, call| {
+            self.handle_decrypt(r.into_inner(), call)
+        })
+        .await
+    }
+    async fn who_am_i(
+        &self,
+        r: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        self.observe("WhoAmI", r, |_r, call| async move {
+            // Every authenticated caller may ask who it is; nothing here names a key.
+            let identity = call
+                .identity
+                .clone()
+                .ok_or_else(|| KmsError::PermissionDenied("no client identity".into()))?;
+            let policy = self.inner.policy.current();
+            Ok(pb::WhoAmIResponse {
+                roles: policy
+                    .roles(&identity.name)
+                    .iter()
+                    .map(|r| r.name().to_string())
+                    .collect(),
+                permissions: policy.effective_permissions(&identity.name),
+                identity: identity.name,
+                key_fingerprint: identity.key_fingerprint,
+            })
+        })
+        .await
     }
     async fn re_encrypt(
         &self,
         r: Request<pb::ReEncryptRequest>,
     ) -> Result<Response<pb::ReEncryptResponse>, Status> {
-        self.observe("ReEncrypt", r, |r, call| self.handle_re_encrypt(r.into_inner(), call)).await
+        self.observe("ReEncrypt", r, |r, call| {
+            self.handle_re_encrypt(r.into_inner(), call)
+        })
+        .await
     }
 }

@@ -18,6 +18,15 @@ pub enum KeyRef {
     Alias(String),
 }
 
+/// The answer for a key that does not exist, or that the caller may not know of: the same
+/// words either way, so a refusal tells nothing about existence.
+pub fn not_found(key: &KeyRef) -> KmsError {
+    KmsError::NotFound(match key {
+        KeyRef::Id(id) => format!("key {id} not found"),
+        KeyRef::Alias(a) => format!("key {a:?} not found"),
+    })
+}
+
 /// Parses a key reference: a UUID, or an alias.
 pub fn key_ref(field: &str, value: &str) -> Result<KeyRef, KmsError> {
     if value.is_empty() {

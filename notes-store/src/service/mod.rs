@@ -13,8 +13,9 @@
 //! | ListNotes      | -                                  | none            | reads, metadata only   |
 //! | GetNoteHistory | -                                  | none            | reads, metadata only   |
 //!
-//! Every caller has passed mutual TLS with a certificate from the configured client CA;
-//! finer authorization (which practice may read which site) is not part of this service yet.
+//! Every caller has passed mutual TLS with a certificate from the configured client CA; each
+//! handler then checks that the caller may act for the site concerned (`crate::callers`),
+//! before any KMS call — for a note id, after looking up the note's site.
 
 mod read;
 pub mod validate;
@@ -30,6 +31,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::callers::Callers;
 use crate::error::NotesError;
 use crate::kms::Kms;
 use crate::store::{NoteRecord, NoteStore, RevisionMeta};
@@ -43,15 +45,22 @@ pub struct NotesServiceImpl {
 struct Inner {
     store: Arc<dyn NoteStore>,
     kms: Kms,
+    callers: Callers,
     max_body_bytes: usize,
 }
 
 impl NotesServiceImpl {
-    pub fn new(store: Arc<dyn NoteStore>, kms: Kms, max_body_bytes: usize) -> Self {
+    pub fn new(
+        store: Arc<dyn NoteStore>,
+        kms: Kms,
+        callers: Callers,
+        max_body_bytes: usize,
+    ) -> Self {
         NotesServiceImpl {
             inner: Arc::new(Inner {
                 store,
                 kms,
+                callers,
                 max_body_bytes,
             }),
         }
@@ -63,6 +72,11 @@ impl NotesServiceImpl {
 
     fn kms(&self) -> &Kms {
         &self.inner.kms
+    }
+
+    /// PERMISSION_DENIED unless `caller` may act for `site`.
+    fn authorize(&self, caller: &Caller, site: &str) -> Result<(), NotesError> {
+        self.inner.callers.authorize(caller.as_ref(), site)
     }
 
     /// The note, or NOT_FOUND.
@@ -116,20 +130,29 @@ fn request_id<T>(req: &Request<T>) -> String {
         .unwrap_or_else(|| Uuid::new_v4().to_string())
 }
 
+/// The caller's identity from its verified certificate.
+pub(crate) type Caller = Option<svc_common::identity::Identity>;
+
 /// Request id, tracing span, metrics and error conversion around one handler.
 async fn observe<Req, Res, Fut>(
     rpc: &'static str,
     req: Request<Req>,
-    handler: impl FnOnce(Req) -> Fut,
+    handler: impl FnOnce(Req, Caller) -> Fut,
 ) -> Result<Response<Res>, Status>
 where
     Fut: Future<Output = Result<Res, NotesError>>,
 {
     let started = Instant::now();
     let rid = request_id(&req);
-    let peer = svc_common::identity::peer_name(&req);
+    let caller = svc_common::identity::peer_identity(&req);
+    let peer = caller
+        .as_ref()
+        .map_or("<unauthenticated>", |c| c.name.as_str())
+        .to_string();
     let span = tracing::info_span!("rpc", rpc, request_id = %rid, peer = %peer);
-    let result = handler(req.into_inner()).instrument(span.clone()).await;
+    let result = handler(req.into_inner(), caller)
+        .instrument(span.clone())
+        .await;
     let code = match &result {
         Ok(_) => tonic::Code::Ok,
         Err(e) => e.code(),
@@ -152,34 +175,34 @@ impl NotesService for NotesServiceImpl {
         &self,
         r: Request<pb::CreateNoteRequest>,
     ) -> Result<Response<pb::CreateNoteResponse>, Status> {
-        observe("CreateNote", r, |r| self.handle_create(r)).await
+        observe("CreateNote", r, |r, c| self.handle_create(r, c)).await
     }
 
     async fn get_note(
         &self,
         r: Request<pb::GetNoteRequest>,
     ) -> Result<Response<pb::GetNoteResponse>, Status> {
-        observe("GetNote", r, |r| self.handle_get(r)).await
+        observe("GetNote", r, |r, c| self.handle_get(r, c)).await
     }
 
     async fn list_notes(
         &self,
         r: Request<pb::ListNotesRequest>,
     ) -> Result<Response<pb::ListNotesResponse>, Status> {
-        observe("ListNotes", r, |r| self.handle_list(r)).await
+        observe("ListNotes", r, |r, c| self.handle_list(r, c)).await
     }
 
     async fn amend_note(
         &self,
         r: Request<pb::AmendNoteRequest>,
     ) -> Result<Response<pb::AmendNoteResponse>, Status> {
-        observe("AmendNote", r, |r| self.handle_amend(r)).await
+        observe("AmendNote", r, |r, c| self.handle_amend(r, c)).await
     }
 
     async fn get_note_history(
         &self,
         r: Request<pb::GetNoteHistoryRequest>,
     ) -> Result<Response<pb::GetNoteHistoryResponse>, Status> {
-        observe("GetNoteHistory", r, |r| self.handle_history(r)).await
+        observe("GetNoteHistory", r, |r, c| self.handle_history(r, c)).await
     }
 }

@@ -7,7 +7,7 @@
 use kms_client::AuditMetadata;
 use kms_proto::notes::v1 as pb;
 
-use super::{note_metadata, revision_metadata, validate, NotesServiceImpl};
+use super::{note_metadata, revision_metadata, validate, Caller, NotesServiceImpl};
 use crate::crypto::{self, Field, RevisionIds, CRYPTO_VERSION};
 use crate::error::NotesError;
 use crate::store::ListQuery;
@@ -16,12 +16,13 @@ impl NotesServiceImpl {
     pub(super) async fn handle_get(
         &self,
         req: pb::GetNoteRequest,
+        caller: Caller,
     ) -> Result<pb::GetNoteResponse, NotesError> {
         let note_id = validate::note_id(&req.note_id)?;
         validate::id("acting_user", &req.acting_user)?;
         let purpose = validate::purpose(req.purpose)?;
         let acting_user = req.acting_user.clone();
-        let result = self.read(req, purpose).await;
+        let result = self.read(req, purpose, &caller).await;
         match &result {
             Ok(r) => tracing::info!(
                 note_id = %note_id,
@@ -45,9 +46,11 @@ impl NotesServiceImpl {
         &self,
         req: pb::GetNoteRequest,
         purpose: &'static str,
+        caller: &Caller,
     ) -> Result<pb::GetNoteResponse, NotesError> {
         let note_id = validate::note_id(&req.note_id)?;
         let note = self.note(note_id).await?;
+        self.authorize(caller, &note.site_id)?;
         let wanted = if req.revision == 0 {
             note.current_revision
         } else {
@@ -106,8 +109,10 @@ impl NotesServiceImpl {
     pub(super) async fn handle_list(
         &self,
         req: pb::ListNotesRequest,
+        caller: Caller,
     ) -> Result<pb::ListNotesResponse, NotesError> {
         validate::id("site_id", &req.site_id)?;
+        self.authorize(&caller, &req.site_id)?;
         validate::id("client_id", &req.client_id)?;
         let date_from = optional_date("session_date_from", req.session_date_from)?;
         let date_to = optional_date("session_date_to", req.session_date_to)?;
@@ -147,9 +152,11 @@ impl NotesServiceImpl {
     pub(super) async fn handle_history(
         &self,
         req: pb::GetNoteHistoryRequest,
+        caller: Caller,
     ) -> Result<pb::GetNoteHistoryResponse, NotesError> {
         let note_id = validate::note_id(&req.note_id)?;
         let note = self.note(note_id).await?;
+        self.authorize(&caller, &note.site_id)?;
         let revisions = self.store().list_revisions(note_id).await?;
         Ok(pb::GetNoteHistoryResponse {
             note: Some(note_metadata(&note)),

@@ -9,7 +9,7 @@
 
 use kms_proto::notes::v1 as pb;
 
-use super::{now_ms, validate, NotesServiceImpl};
+use super::{now_ms, validate, Caller, NotesServiceImpl};
 use crate::crypto::{self, Field, RevisionIds, CRYPTO_VERSION};
 use crate::error::NotesError;
 use crate::store::{NoteRecord, RevisionMeta, RevisionRecord};
@@ -18,6 +18,7 @@ impl NotesServiceImpl {
     pub(super) async fn handle_create(
         &self,
         req: pb::CreateNoteRequest,
+        caller: Caller,
     ) -> Result<pb::CreateNoteResponse, NotesError> {
         validate::id("site_id", &req.site_id)?;
         validate::id("client_id", &req.client_id)?;
@@ -25,6 +26,7 @@ impl NotesServiceImpl {
         validate::date("session_date", &req.session_date)?;
         let body = zeroize::Zeroizing::new(req.body);
         validate::text("body", &body, self.inner.max_body_bytes)?;
+        self.authorize(&caller, &req.site_id)?;
 
         let note_id = uuid::Uuid::new_v4();
         let ids = RevisionIds {
@@ -75,6 +77,7 @@ impl NotesServiceImpl {
     pub(super) async fn handle_amend(
         &self,
         req: pb::AmendNoteRequest,
+        caller: Caller,
     ) -> Result<pb::AmendNoteResponse, NotesError> {
         let note_id = validate::note_id(&req.note_id)?;
         validate::id("author_id", &req.author_id)?;
@@ -89,6 +92,7 @@ impl NotesServiceImpl {
         validate::reason(&reason)?;
 
         let note = self.note(note_id).await?;
+        self.authorize(&caller, &note.site_id)?;
         // Refuse a stale amendment before spending a data key; the store checks again
         // inside its transaction.
         if note.current_revision != req.expected_revision {

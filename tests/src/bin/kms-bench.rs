@@ -170,7 +170,9 @@ async fn run(args: Args) -> Result<()> {
     .await
     .context("ceiling task")??;
 
-    let mut admin = server.raw("app").await?;
+    // Key administration and data-key use are different roles (harness policy: "admin" is
+    // key-admin, "app" a service).
+    let mut admin = server.raw("admin").await?;
     let key_id = admin
         .create_key(pb::CreateKeyRequest {
             alias: "bench".into(),
@@ -181,6 +183,7 @@ async fn run(args: Args) -> Result<()> {
         .key
         .ok_or_else(|| anyhow!("CreateKey returned no key"))?
         .key_id;
+    let mut setup = server.raw("app").await?;
 
     let contexts: Vec<_> = (0..args.streams).map(stream_context).collect();
     let gdk_op = Op::GenerateDataKey {
@@ -247,7 +250,7 @@ async fn run(args: Args) -> Result<()> {
         let mut blobs = Vec::with_capacity(args.streams);
         for i in 0..args.streams {
             let context = stream_context(i);
-            let dk = admin
+            let dk = setup
                 .generate_data_key(pb::GenerateDataKeyRequest {
                     key: key_id.clone(),
                     encryption_context: context.clone(),

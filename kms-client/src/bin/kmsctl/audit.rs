@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use crate::{
     audit_cli::{AuditCommand, ExportArgs, ExportFormat, QueryArgs, VerifyArgs},
     disclosures,
-    output::{or_dash, table, timestamp, Report},
+    output::{or_dash, table, timestamp_ms, Report},
 };
 
 /// Columns of `audit query` and `audit tail`.
@@ -84,7 +84,7 @@ fn event_row(e: &AuditEvent) -> Vec<String> {
         .join(",");
     vec![
         e.seq.to_string(),
-        timestamp(e.time_ms),
+        timestamp_ms(e.time_ms),
         or_dash(&e.caller),
         e.operation.clone(),
         or_dash(e.key_id.as_deref().unwrap_or_default()),

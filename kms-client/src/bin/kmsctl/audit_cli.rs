@@ -147,6 +147,63 @@ pub fn parse_time(s: &str) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<AuditCommand, clap::Error> {
+        let cli = Cli::try_parse_from(["kmsctl", "audit"].iter().chain(args).copied())?;
+        match cli.command {
+            Command::Audit(command) => Ok(command),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn verify_is_offline_or_server_never_both() {
+        let Ok(AuditCommand::Verify(v)) = parse(&["verify", "--in", "e", "--public-key", "k"])
+        else {
+            panic!("not verify");
+        };
+        assert!(!v.server && v.input.is_some() && v.public_key.is_some());
+        assert!(matches!(parse(&["verify", "--server"]), Ok(AuditCommand::Verify(v)) if v.server));
+        assert!(parse(&["verify"]).is_err());
+        assert!(parse(&["verify", "--in", "e"]).is_err());
+        assert!(parse(&["verify", "--public-key", "k"]).is_err());
+        assert!(parse(&["verify", "--server", "--in", "e", "--public-key", "k"]).is_err());
+    }
+
+    #[test]
+    fn query_filters_and_export_defaults() {
+        let Ok(AuditCommand::Query(q)) = parse(&[
+            "query",
+            "--key-id",
+            "k1",
+            "--context",
+            "client=c-1",
+            "--from",
+            "1970-01-02",
+            "--outcome",
+            "OK",
+        ]) else {
+            panic!("not query");
+        };
+        assert_eq!(q.key.as_deref(), Some("k1"));
+        assert_eq!(q.context, Some(("client".into(), "c-1".into())));
+        assert_eq!(
+            (q.range.from, q.range.to, q.limit),
+            (Some(86_400_000), None, 100)
+        );
+        assert!(parse(&["query", "--from", "soon"]).is_err());
+        let Ok(AuditCommand::Export(e)) = parse(&["export", "--out", "f"]) else {
+            panic!("not export");
+        };
+        assert_eq!(
+            (e.format, e.from_seq, e.to_seq),
+            (ExportFormat::Jsonl, None, None)
+        );
+        assert!(parse(&["export"]).is_err());
+        assert!(parse(&["report"]).is_err(), "--client is required");
+    }
 
     #[test]
     fn times_parse() {

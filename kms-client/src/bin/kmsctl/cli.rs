@@ -76,7 +76,11 @@ pub enum Command {
     /// Re-wrap a blob under another key and/or context without revealing the plaintext.
     #[command(name = "reencrypt")]
     ReEncrypt(ReEncryptArgs),
-    /// The audit log (needs an identity listed in the server's `[audit] readers`, except
+    /// Who the server thinks this client is: identity, key fingerprint, roles and effective
+    /// permissions under the server's policy.
+    #[command(name = "whoami")]
+    WhoAmI,
+    /// The audit log (needs an identity the server's policy makes an auditor, except
     /// `audit verify --in`, which works offline).
     #[command(subcommand)]
     Audit(AuditCommand),

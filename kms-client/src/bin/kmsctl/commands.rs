@@ -58,6 +58,36 @@ pub async fn run(cli: &Cli) -> anyhow::Result<Report> {
                 ]))
             }
         }
+        Command::WhoAmI => {
+            let me = kms.who_am_i().await?;
+            if cli.json {
+                return Ok(Report::Fields(vec![
+                    ("identity", json!(me.identity)),
+                    ("key_fingerprint", json!(me.key_fingerprint)),
+                    ("roles", json!(me.roles)),
+                    ("permissions", json!(me.permissions)),
+                ]));
+            }
+            let roles = if me.roles.is_empty() {
+                "(none)".to_string()
+            } else {
+                me.roles.join(", ")
+            };
+            let mut text = format!(
+                "identity:        {}\nkey_fingerprint: {}\nroles:           {roles}\npermissions:\n",
+                me.identity, me.key_fingerprint
+            );
+            if me.permissions.is_empty() {
+                text.push_str("  (none: every request is denied)\n");
+            }
+            for p in &me.permissions {
+                text.push_str(&format!("  {p}\n"));
+            }
+            Ok(Report::Rendered {
+                text,
+                success: true,
+            })
+        }
         Command::Encrypt(args) => encrypt(&kms, args).await,
         Command::Decrypt(args) => decrypt(&kms, args, cli.json).await,
         Command::ReEncrypt(args) => re_encrypt(&kms, args).await,

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::{
     audit_cli::ReportArgs,
-    output::{or_dash, table, timestamp, Report},
+    output::{or_dash, table, timestamp_ms, Report},
 };
 
 /// The operations that unwrap a client's data key.
@@ -39,7 +39,10 @@ const COLUMNS: [&str; 10] = [
 fn result(outcome: &str) -> &'static str {
     match outcome {
         "OK" => "allowed",
-        "PERMISSION_DENIED" | "UNAUTHENTICATED" | "INVALID_ARGUMENT" | "FAILED_PRECONDITION"
+        "PERMISSION_DENIED"
+        | "UNAUTHENTICATED"
+        | "INVALID_ARGUMENT"
+        | "FAILED_PRECONDITION"
         | "NOT_FOUND" => "DENIED",
         _ => "FAILED",
     }
@@ -92,9 +95,13 @@ pub async fn report(
 fn period(args: &ReportArgs) -> String {
     match (args.range.from, args.range.to) {
         (None, None) => "all recorded events".into(),
-        (Some(f), None) => format!("from {} (inclusive)", timestamp(f)),
-        (None, Some(t)) => format!("before {}", timestamp(t)),
-        (Some(f), Some(t)) => format!("from {} to {} (exclusive)", timestamp(f), timestamp(t)),
+        (Some(f), None) => format!("from {} (inclusive)", timestamp_ms(f)),
+        (None, Some(t)) => format!("before {}", timestamp_ms(t)),
+        (Some(f), Some(t)) => format!(
+            "from {} to {} (exclusive)",
+            timestamp_ms(f),
+            timestamp_ms(t)
+        ),
     }
 }
 
@@ -105,7 +112,7 @@ fn counts(events: &[AuditEvent]) -> (usize, usize, usize) {
 
 fn row(e: &AuditEvent) -> Vec<String> {
     vec![
-        timestamp(e.time_ms),
+        timestamp_ms(e.time_ms),
         or_dash(&e.caller),
         e.operation.clone(),
         or_dash(&e.acting_user),
@@ -144,7 +151,7 @@ fn to_json(args: &ReportArgs, events: &[AuditEvent]) -> Value {
             json!({
                 "seq": e.seq,
                 "node_id": e.node_id,
-                "time": timestamp(e.time_ms),
+                "time": timestamp_ms(e.time_ms),
                 "time_ms": e.time_ms,
                 "caller": e.caller,
                 "operation": e.operation,
@@ -163,8 +170,8 @@ fn to_json(args: &ReportArgs, events: &[AuditEvent]) -> Value {
     json!({
         "client": args.client,
         "period": period(args),
-        "from": args.range.from.map(timestamp),
-        "to": args.range.to.map(timestamp),
+        "from": args.range.from.map(timestamp_ms),
+        "to": args.range.to.map(timestamp_ms),
         "count": events.len(),
         "allowed": allowed,
         "denied": denied,
@@ -208,7 +215,7 @@ fn to_csv(events: &[AuditEvent]) -> String {
         let cells = [
             e.seq.to_string(),
             e.time_ms.to_string(),
-            timestamp(e.time_ms),
+            timestamp_ms(e.time_ms),
             csv_cell(&e.caller),
             csv_cell(&e.operation),
             csv_cell(&e.acting_user),

@@ -4,7 +4,11 @@
 use base64::{engine::general_purpose::STANDARD, Engine};
 use kms_client::KeyMetadata;
 use serde_json::{json, Map, Value};
-use time::{format_description::well_known::Rfc3339, OffsetDateTime};
+use time::{
+    format_description::{well_known::Rfc3339, BorrowedFormatItem},
+    macros::format_description,
+    OffsetDateTime,
+};
 
 /// What a command has to say.
 pub enum Report {
@@ -87,6 +91,17 @@ pub fn timestamp(unix_ms: i64) -> String {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
         .ok()
         .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| unix_ms.to_string())
+}
+
+/// RFC 3339 UTC with exactly three fraction digits (`2023-11-14T22:13:20.120Z`), so that
+/// audit times line up; the raw number if out of range.
+pub fn timestamp_ms(unix_ms: i64) -> String {
+    const FORMAT: &[BorrowedFormatItem<'_>] =
+        format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(FORMAT).ok())
         .unwrap_or_else(|| unix_ms.to_string())
 }
 
@@ -200,6 +215,13 @@ mod tests {
         assert_eq!(parsed["keys"][0]["alias"], "notes");
         assert_eq!(parsed["keys"][1]["alias"], Value::Null);
         assert_eq!(parsed["keys"][0]["created_at"], "2023-11-14T22:13:20.123Z");
+    }
+
+    #[test]
+    fn audit_times_have_three_fraction_digits() {
+        assert_eq!(timestamp_ms(1_700_000_000_120), "2023-11-14T22:13:20.120Z");
+        assert_eq!(timestamp_ms(1_700_000_000_000), "2023-11-14T22:13:20.000Z");
+        assert_eq!(timestamp_ms(i64::MAX), i64::MAX.to_string());
     }
 
     #[test]

@@ -13,7 +13,10 @@ const AUDIT_KEY_LABEL: &[u8] = b"kms-audit-signing";
 const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
 fn find(s: &PooledSession<'_>, class: ObjectClass) -> Result<Option<ObjectHandle>, OpError> {
-    let template = [Attribute::Class(class), Attribute::Label(AUDIT_KEY_LABEL.to_vec())];
+    let template = [
+        Attribute::Class(class),
+        Attribute::Label(AUDIT_KEY_LABEL.to_vec()),
+    ];
     let found = s.session().find_objects(&template).map_err(OpError::Ck)?;
     Ok(found.first().copied())
 }
@@ -58,25 +61,38 @@ impl Pkcs11Backend {
     pub(super) fn audit_point(&self) -> Result<Vec<u8>, BackendError> {
         self.with_session("read audit public key", |s| {
             let public = find(s, ObjectClass::PUBLIC_KEY)?.ok_or_else(|| {
-                OpError::Backend(BackendError::KeyNotFound("no audit signing key in the token".into()))
+                OpError::Backend(BackendError::KeyNotFound(
+                    "no audit signing key in the token".into(),
+                ))
             })?;
-            let attrs = s.session().get_attributes(public, &[AttributeType::EcPoint]).map_err(OpError::Ck)?;
+            let attrs = s
+                .session()
+                .get_attributes(public, &[AttributeType::EcPoint])
+                .map_err(OpError::Ck)?;
             attrs
                 .into_iter()
                 .find_map(|a| match a {
                     Attribute::EcPoint(p) => Some(p),
                     _ => None,
                 })
-                .ok_or_else(|| OpError::Backend(BackendError::Internal("audit key has no CKA_EC_POINT".into())))
+                .ok_or_else(|| {
+                    OpError::Backend(BackendError::Internal(
+                        "audit key has no CKA_EC_POINT".into(),
+                    ))
+                })
         })
     }
 
     pub(super) fn audit_sign(&self, digest: &[u8; 32]) -> Result<Vec<u8>, BackendError> {
         self.with_session("sign audit checkpoint", |s| {
             let private = find(s, ObjectClass::PRIVATE_KEY)?.ok_or_else(|| {
-                OpError::Backend(BackendError::KeyNotFound("no audit signing key in the token".into()))
+                OpError::Backend(BackendError::KeyNotFound(
+                    "no audit signing key in the token".into(),
+                ))
             })?;
-            s.session().sign(&CkMechanism::Ecdsa, private, digest).map_err(OpError::Ck)
+            s.session()
+                .sign(&CkMechanism::Ecdsa, private, digest)
+                .map_err(OpError::Ck)
         })
     }
 }
