@@ -4,7 +4,9 @@
 # decrypts it, shows that a tampered blob, a wrong encryption context and a disabled key are
 # refused, prints the demo's audit trail (as the auditor), exports it, verifies it offline
 # against the HSM-held signing key and shows that an edited export fails verification, then
-# stops the server with SIGTERM. Exits non-zero if any step does not behave.
+# stops the server with SIGTERM. Then scripts/demo-notes.sh: encrypted session notes through
+# notes-store for two sites (ciphertext at rest, KMS outage and recovery, cross-site refusals).
+# Exits non-zero if any step does not behave.
 set -euo pipefail
 
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)
@@ -133,4 +135,7 @@ trap - EXIT
 
 if grep -qF "$plain" "$log"; then fail "the data key appears in the server log"; fi
 ok "server log ($log) holds no data key"
+
+# Part two: session notes through notes-store, two sites (scripts/demo-notes.sh).
+"$root/scripts/demo-notes.sh"
 printf '\n\033[1mDemo finished: all steps behaved as expected.\033[0m\n'

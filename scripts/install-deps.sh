@@ -19,6 +19,7 @@ PACKAGES=(
     pkg-config           # tss-esapi-sys finds libtss2 through pkg-config
     protobuf-compiler    # protoc, for tonic-prost-build
     jq                   # JSON in scripts/demo.sh
+    sqlite3              # scripts/demo-notes.sh shows the notes database's ciphertext
     postgresql           # server binaries for scripts/with-postgres.sh's throwaway cluster
     clang                # bindgen (tss-esapi-sys)
     libclang-dev         # bindgen (tss-esapi-sys)

@@ -230,6 +230,20 @@ pub enum PkiCommand {
         #[arg(long = "client", value_name = "NAME")]
         clients: Vec<String>,
     },
+    /// Issue one client certificate with a chosen SAN URI (e.g. a site's service identity
+    /// spiffe://dev.clinic/site/a/notes-store) from the CA of `pki init`: NAME.pem and NAME.key.
+    /// An existing pair is kept if the CA issued it with that URI; otherwise it is an error.
+    IssueClient {
+        /// The PKI directory (holding ca.pem and ca.key).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// File name and certificate CN: 1-64 characters of A-Z a-z 0-9 . _ -
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// The SAN URI, the identity the servers' policies see.
+        #[arg(long, value_name = "URI")]
+        uri: String,
+    },
 }
 
 /// Parses `k=v` (the value may contain '='; the key may not be empty).
@@ -357,6 +371,27 @@ mod tests {
             panic!("wrong command");
         };
         assert_eq!(clients, ["notes", "ops"]);
+    }
+
+    #[test]
+    fn pki_issue_client_takes_name_and_uri() {
+        let cli = parse(&[
+            "pki",
+            "issue-client",
+            "--dir",
+            "d",
+            "--name",
+            "site-a-notes",
+            "--uri",
+            "spiffe://dev.clinic/site/a/notes-store",
+        ])
+        .unwrap();
+        let Command::Pki(PkiCommand::IssueClient { name, uri, .. }) = cli.command else {
+            panic!("wrong command");
+        };
+        assert_eq!(name, "site-a-notes");
+        assert_eq!(uri, "spiffe://dev.clinic/site/a/notes-store");
+        assert!(parse(&["pki", "issue-client", "--dir", "d", "--name", "x"]).is_err());
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub async fn run(cli: &Cli) -> anyhow::Result<Report> {
         Command::Pki(PkiCommand::Init { dir, clients }) => {
             return pki_init(dir, &cli.server_names, clients);
         }
+        Command::Pki(PkiCommand::IssueClient { dir, name, uri }) => {
+            return pki_issue_client(dir, name, uri);
+        }
         // Offline: no connection, not even the TLS material.
         Command::Audit(AuditCommand::Verify(args)) if !args.server => {
             return verify_offline(args, cli.json);
@@ -234,4 +237,83 @@ fn pki_init(dir: &Path, server_names: &[String], clients: &[String]) -> anyhow::
         ("kept", paths(&report.kept)),
         ("warnings", json!(report.warnings)),
     ]))
+}
+
+fn pki_issue_client(dir: &Path, name: &str, uri: &str) -> anyhow::Result<Report> {
+    let name_ok = (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && !matches!(name, "ca" | "server")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !name_ok {
+        bail!("invalid --name {name:?}: 1-64 characters of A-Z a-z 0-9 . _ -, not ca or server");
+    }
+    if !uri.contains("://") {
+        bail!("invalid --uri {uri:?}: expected a URI such as spiffe://dev.clinic/site/a/app");
+    }
+    let ca = pki::CertAuthority::load(&dir.join("ca.pem"), &dir.join("ca.key"))
+        .context("loading the CA (run `kmsctl pki init` first)")?;
+    let (pem, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    let status = match (pem.exists(), key.exists()) {
+        (true, true) => {
+            let existing =
+                std::fs::read(&pem).with_context(|| format!("reading {}", pem.display()))?;
+            if !ca.has_issued(&existing) || !cert_uris(&existing)?.iter().any(|u| u == uri) {
+                bail!(
+                    "{} exists but was not issued by this CA with URI {uri}; delete it and its \
+                     .key to reissue",
+                    pem.display()
+                );
+            }
+            "kept"
+        }
+        (false, false) => {
+            let now = time::OffsetDateTime::now_utc();
+            ca.issue_client_cert(
+                name,
+                Some(uri),
+                now - time::Duration::hours(1),
+                now + pki::LEAF_VALIDITY,
+            )?
+            .write(&pem, &key)?;
+            "created"
+        }
+        _ => bail!(
+            "only one of {} and {} exists; delete it",
+            pem.display(),
+            key.display()
+        ),
+    };
+    Ok(Report::Fields(vec![
+        ("status", json!(status)),
+        ("cert", json!(pem.display().to_string())),
+        ("key", json!(key.display().to_string())),
+        ("uri", json!(uri)),
+    ]))
+}
+
+/// The SAN URIs of the (first) certificate in a PEM file.
+fn cert_uris(pem: &[u8]) -> anyhow::Result<Vec<String>> {
+    use x509_parser::extensions::GeneralName;
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(pem).map_err(|e| anyhow!("not a PEM certificate: {e}"))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| anyhow!("not a valid certificate: {e}"))?;
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Ok(Vec::new());
+    };
+    Ok(san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect())
 }

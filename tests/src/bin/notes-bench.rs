@@ -1,0 +1,501 @@
+//! notes-bench: throughput and latency of notes-store (CreateNote, GetNote with 2 KiB bodies)
+//! over mutual TLS, on SQLite and PostgreSQL, as a ratio of the same KMS's GenerateDataKey
+//! throughput measured in the same run; and the durable audit event rate of that KMS while
+//! GenerateDataKey runs at full load (every answered call must have its event: `dropped`).
+//!
+//! One self-contained run: the harness starts a kms-server (own token, PKI, SQLite, free port)
+//! and one notes-store per database. Progress goes to stderr; stdout carries one JSON line per
+//! benchmark. Load generator and servers share the machine's cores: the figures say so.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use kms_client::AuditFilter;
+use kms_proto::kms::v1 as pb;
+use kms_proto::notes::v1 as npb;
+use kms_proto::notes::v1::notes_service_client::NotesServiceClient;
+use kms_tests::notes::{create_request, get_request};
+use kms_tests::{pg, wire_ctx, KmsServer, NotesOptions, NotesServer, ServerOptions, AUDITOR};
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+#[derive(Parser, Debug)]
+#[command(about = "Load generator for notes-store (CreateNote, GetNote) and the KMS audit log")]
+struct Args {
+    /// Concurrent request loops (tokio tasks), each with one request in flight.
+    #[arg(long, default_value_t = 16)]
+    streams: usize,
+    /// Measured seconds per benchmark.
+    #[arg(long, default_value_t = 8)]
+    seconds: u64,
+    /// Unmeasured seconds of load before each measurement.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// HTTP/2 connections the streams share (round robin).
+    #[arg(long, default_value_t = 4)]
+    channels: usize,
+    /// Note body size in bytes.
+    #[arg(long, default_value_t = 2048)]
+    body_bytes: usize,
+    /// Databases to run notes-store on: sqlite, pg-tcp (KMS_TEST_PG_URL or 127.0.0.1:5432),
+    /// pg-unix (the same server through /var/run/postgresql).
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,pg-tcp,pg-unix")]
+    db: Vec<String>,
+    /// Directory of the Unix socket for `pg-unix`.
+    #[arg(long, default_value = "/var/run/postgresql")]
+    pg_socket_dir: String,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.streams == 0 || args.seconds == 0 || args.channels == 0 || args.body_bytes == 0 {
+        bail!("--streams, --seconds, --channels and --body-bytes must be positive");
+    }
+    // Before any thread exists: the harness reads these to find the binaries.
+    for name in ["kms-server", "notes-store"] {
+        let var = format!("KMS_{}_BIN", name.to_uppercase().replace('-', "_"));
+        let bin = match std::env::var_os(&var) {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let exe = std::env::current_exe().context("locating notes-bench")?;
+                let sibling = exe.with_file_name(name);
+                if !sibling.exists() {
+                    bail!("no {name} next to {}: build it or set {var}", exe.display());
+                }
+                std::env::set_var(&var, &sibling);
+                sibling
+            }
+        };
+        eprintln!("notes-bench: {name} binary {}", bin.display());
+        if !bin.components().any(|c| c.as_os_str() == "release") {
+            eprintln!("notes-bench: WARNING: {name} is not from a release directory");
+        }
+    }
+    if cfg!(debug_assertions) {
+        eprintln!("notes-bench: WARNING: this is a debug build of notes-bench; use --release");
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?
+        .block_on(run(args))
+}
+
+/// What one load phase measured.
+struct Stats {
+    /// Successful calls, warm-up included.
+    ok_total: u64,
+    /// Successful calls started in the measured window.
+    ok_window: u64,
+    errors: u64,
+    /// Latencies (µs) of the calls counted in `ok_window`.
+    latencies_us: Vec<u64>,
+    window: Duration,
+    /// The measured window, ms since the Unix epoch.
+    window_ms: (i64, i64),
+}
+
+impl Stats {
+    fn ops_per_s(&self) -> f64 {
+        self.ok_window as f64 / self.window.as_secs_f64()
+    }
+    fn percentile_ms(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.latencies_us.len() as f64 * p).ceil() as usize)
+            .clamp(1, self.latencies_us.len())
+            - 1;
+        self.latencies_us[i] as f64 / 1000.0
+    }
+}
+
+type CallFuture = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+type Call = Arc<dyn Fn(usize, u64) -> CallFuture + Send + Sync>;
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// Runs `call` from `streams` tasks for `warmup` + `seconds`; measures the last `seconds`.
+async fn load(streams: usize, warmup: u64, seconds: u64, call: Call) -> Result<Stats> {
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(warmup);
+    let end = measure_from + Duration::from_secs(seconds);
+    let wall_from_ms = unix_ms() + i64::try_from(warmup * 1000).unwrap_or_default();
+    let first_error: Arc<Mutex<Option<String>>> = Arc::default();
+    let mut tasks = Vec::with_capacity(streams);
+    for stream in 0..streams {
+        let call = call.clone();
+        let first_error = first_error.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok_total, mut ok_window, mut errors) = (0u64, 0u64, 0u64);
+            let mut latencies = Vec::new();
+            let mut i = 0u64;
+            loop {
+                let t = Instant::now();
+                if t >= end {
+                    break;
+                }
+                let r = call(stream, i).await;
+                i += 1;
+                match r {
+                    Ok(()) => {
+                        ok_total += 1;
+                        if t >= measure_from {
+                            ok_window += 1;
+                            latencies.push(t.elapsed().as_micros() as u64);
+                        }
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        first_error
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .get_or_insert(format!("{e:#}"));
+                    }
+                }
+            }
+            (ok_total, ok_window, errors, latencies)
+        }));
+    }
+    let mut stats = Stats {
+        ok_total: 0,
+        ok_window: 0,
+        errors: 0,
+        latencies_us: Vec::new(),
+        window: Duration::from_secs(seconds),
+        window_ms: (
+            wall_from_ms,
+            wall_from_ms + i64::try_from(seconds * 1000).unwrap_or_default(),
+        ),
+    };
+    for task in tasks {
+        let (ok_total, ok_window, errors, latencies) = task.await?;
+        stats.ok_total += ok_total;
+        stats.ok_window += ok_window;
+        stats.errors += errors;
+        stats.latencies_us.extend(latencies);
+    }
+    stats.latencies_us.sort_unstable();
+    if let Some(e) = first_error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        eprintln!("notes-bench:   {} errors; first: {e}", stats.errors);
+    }
+    Ok(stats)
+}
+
+/// Prints one JSON object with its fields in the given order ("bench" first).
+fn emit(fields: &[(&str, Value)]) {
+    let body: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("{}:{v}", Value::from(*k)))
+        .collect();
+    println!("{{{}}}", body.join(","));
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+async fn run(args: Args) -> Result<()> {
+    let kms = KmsServer::start(ServerOptions::default())
+        .await
+        .context("starting kms-server")?;
+    eprintln!(
+        "notes-bench: kms-server pid {:?} on {} (SQLite); {} cores shared by the load generator, \
+         kms-server, notes-store and PostgreSQL: the figures are NOT from isolated machines; \
+         load average {}",
+        kms.pid(),
+        kms.addr,
+        cores(),
+        load_average()
+    );
+
+    // 1 + 3: GenerateDataKey at full load, as the notes ratio's denominator and as the audit
+    // load (one durable audit event per call, committed before the answer).
+    let mut admin = kms.raw("admin").await?;
+    let gdk_key = admin
+        .create_key(pb::CreateKeyRequest {
+            alias: "notes-bench-gdk".into(),
+            description: "notes-bench GenerateDataKey baseline".into(),
+        })
+        .await?
+        .into_inner()
+        .key
+        .ok_or_else(|| anyhow!("CreateKey returned no key"))?
+        .key_id;
+    let mut kms_clients = Vec::with_capacity(args.channels);
+    for _ in 0..args.channels {
+        kms_clients.push(kms.raw("app").await?);
+    }
+    let kms_clients = Arc::new(kms_clients);
+    let contexts: Arc<Vec<HashMap<String, String>>> = Arc::new(
+        (0..args.streams)
+            .map(|i| {
+                let client = format!("client-{i:04}");
+                wire_ctx(&[("site", "bench"), ("client", &client)])
+            })
+            .collect(),
+    );
+    let gdk_call: Call = {
+        let (clients, key, contexts) = (kms_clients.clone(), gdk_key.clone(), contexts.clone());
+        Arc::new(move |stream, _| {
+            let mut client = clients[stream % clients.len()].clone();
+            let request = pb::GenerateDataKeyRequest {
+                key: key.clone(),
+                encryption_context: contexts[stream].clone(),
+            };
+            Box::pin(async move {
+                let r = client.generate_data_key(request).await?.into_inner();
+                anyhow::ensure!(
+                    r.plaintext.len() == 32,
+                    "data key of {} bytes",
+                    r.plaintext.len()
+                );
+                Ok(())
+            })
+        })
+    };
+    eprintln!(
+        "notes-bench: kms_generate_data_key: {} streams over {} connections, {} s warm-up + {} s",
+        args.streams, args.channels, args.warmup, args.seconds
+    );
+    let gdk = load(args.streams, args.warmup, args.seconds, gdk_call).await?;
+    let gdk_rate = gdk.ops_per_s();
+    emit(&[
+        ("bench", json!("kms_generate_data_key")),
+        ("streams", json!(args.streams)),
+        ("channels", json!(args.channels)),
+        ("seconds", json!(args.seconds)),
+        ("ops", json!(gdk.ok_window)),
+        ("errors", json!(gdk.errors)),
+        ("ops_per_s", json!(round(gdk_rate, 1))),
+        ("p50_ms", json!(round(gdk.percentile_ms(0.50), 3))),
+        ("p99_ms", json!(round(gdk.percentile_ms(0.99), 3))),
+        ("cores_shared", json!(cores())),
+    ]);
+
+    // Audit: the events of this key's answered GenerateDataKey calls.
+    let auditor = kms.audit_client(AUDITOR)?;
+    let filter = AuditFilter {
+        key_id: Some(gdk_key.clone()),
+        operation: Some("GenerateDataKey".into()),
+        outcome: Some("OK".into()),
+        ..AuditFilter::default()
+    };
+    let t = Instant::now();
+    let events = auditor
+        .query_all_audit_events(&filter, None)
+        .await
+        .context("querying the audit log")?;
+    let recorded = events.len() as u64;
+    let in_window = events
+        .iter()
+        .filter(|e| e.time_ms >= gdk.window_ms.0 && e.time_ms < gdk.window_ms.1)
+        .count() as u64;
+    eprintln!(
+        "notes-bench: audit: {recorded} GenerateDataKey events for {} answered calls (query took {:.1} s)",
+        gdk.ok_total,
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    let verify = auditor
+        .verify_audit_log()
+        .await
+        .context("verifying the audit log")?;
+    eprintln!(
+        "notes-bench: audit: VerifyAuditLog took {:.1} s: {}",
+        t.elapsed().as_secs_f64(),
+        verify.report
+    );
+    emit(&[
+        ("bench", json!("audit_events")),
+        (
+            "events_per_s",
+            json!(round(in_window as f64 / gdk.window.as_secs_f64(), 1)),
+        ),
+        ("dropped", json!(gdk.ok_total as i64 - recorded as i64)),
+        ("gdk_ops_per_s", json!(round(gdk_rate, 1))),
+        ("chain_ok", json!(verify.ok)),
+        ("kms_db", json!("sqlite")),
+        ("seconds", json!(args.seconds)),
+        ("events_in_window", json!(in_window)),
+        ("answered_calls", json!(gdk.ok_total)),
+        ("recorded_events", json!(recorded)),
+        ("events_checked", json!(verify.events_checked)),
+        ("checkpoints_checked", json!(verify.checkpoints_checked)),
+        ("streams", json!(args.streams)),
+        ("cores_shared", json!(cores())),
+    ]);
+    drop(events);
+
+    // 2: notes-store on each database.
+    let body: String = "lorem ipsum dolor sit amet "
+        .chars()
+        .cycle()
+        .take(args.body_bytes)
+        .collect();
+    let body = Arc::new(body);
+    for db in &args.db {
+        let (url, pg_name, label) = match db.as_str() {
+            "sqlite" => (None, None, "sqlite"),
+            "pg-tcp" | "pg-unix" => {
+                let (url, name) = match pg::create_database().await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        eprintln!("notes-bench: {db}: skipped, no PostgreSQL: {e:#}");
+                        continue;
+                    }
+                };
+                let url = if db == "pg-unix" {
+                    format!(
+                        "postgres://postgres@localhost/{name}?host={}",
+                        args.pg_socket_dir
+                    )
+                } else {
+                    url
+                };
+                (Some(url), Some(name), db.as_str())
+            }
+            other => bail!("unknown --db {other:?} (sqlite, pg-tcp, pg-unix)"),
+        };
+        let result = bench_notes(&args, &kms, url, label, gdk_rate, body.clone()).await;
+        if let Some(name) = pg_name {
+            pg::drop_database(&name).await;
+        }
+        result?;
+    }
+    Ok(())
+}
+
+async fn bench_notes(
+    args: &Args,
+    kms: &KmsServer,
+    database_url: Option<String>,
+    db: &str,
+    gdk_rate: f64,
+    body: Arc<String>,
+) -> Result<()> {
+    let shown_url = database_url.clone().unwrap_or_else(|| "sqlite file".into());
+    let notes = NotesServer::start(
+        kms,
+        NotesOptions {
+            database_url: database_url.clone(),
+            ..NotesOptions::default()
+        },
+    )
+    .await
+    .with_context(|| format!("starting notes-store on {shown_url}"))?;
+    eprintln!(
+        "notes-bench: notes-store on {db} ({shown_url}) at {}; {} streams over {} connections; \
+         {} cores shared; load average {}",
+        notes.addr,
+        args.streams,
+        args.channels,
+        cores(),
+        load_average()
+    );
+    let mut clients: Vec<NotesServiceClient<Channel>> = Vec::with_capacity(args.channels);
+    for _ in 0..args.channels {
+        clients.push(notes.client().await?);
+    }
+    let clients = Arc::new(clients);
+    let ids: Arc<Mutex<Vec<String>>> = Arc::default();
+
+    let create: Call = {
+        let (clients, ids, body) = (clients.clone(), ids.clone(), body.clone());
+        Arc::new(move |stream, i| {
+            let mut client = clients[stream % clients.len()].clone();
+            let request = create_request(
+                "bench",
+                &format!("client-{stream:04}-{}", i % 64),
+                "2026-11-28",
+                &body,
+            );
+            let ids = ids.clone();
+            Box::pin(async move {
+                let r = client.create_note(request).await?.into_inner();
+                ids.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(r.note_id);
+                Ok(())
+            })
+        })
+    };
+    let stats = load(args.streams, args.warmup, args.seconds, create).await?;
+    emit_notes("notes_create", db, args, &stats, gdk_rate);
+
+    let ids: Arc<Vec<String>> = Arc::new(std::mem::take(
+        &mut *ids.lock().unwrap_or_else(|e| e.into_inner()),
+    ));
+    if ids.is_empty() {
+        bail!("no note was created on {db}; log:\n{}", notes.log());
+    }
+    let get: Call = {
+        let (clients, ids, len) = (clients.clone(), ids.clone(), body.len());
+        Arc::new(move |stream, i| {
+            let mut client = clients[stream % clients.len()].clone();
+            let n = (stream as u64)
+                .wrapping_mul(7919)
+                .wrapping_add(i.wrapping_mul(104_729)) as usize
+                % ids.len();
+            let request = get_request(&ids[n], 0);
+            Box::pin(async move {
+                let r: npb::GetNoteResponse = client.get_note(request).await?.into_inner();
+                anyhow::ensure!(r.body.len() == len, "body of {} bytes", r.body.len());
+                Ok(())
+            })
+        })
+    };
+    let stats = load(args.streams, args.warmup, args.seconds, get).await?;
+    emit_notes("notes_get", db, args, &stats, gdk_rate);
+    Ok(())
+}
+
+fn emit_notes(bench: &str, db: &str, args: &Args, stats: &Stats, gdk_rate: f64) {
+    let rate = stats.ops_per_s();
+    let ratio = if gdk_rate > 0.0 {
+        round(rate / gdk_rate, 3)
+    } else {
+        0.0
+    };
+    emit(&[
+        ("bench", json!(bench)),
+        ("db", json!(db)),
+        ("ops_per_s", json!(round(rate, 1))),
+        ("p50_ms", json!(round(stats.percentile_ms(0.50), 3))),
+        ("p99_ms", json!(round(stats.percentile_ms(0.99), 3))),
+        ("kms_gdk_ops_per_s", json!(round(gdk_rate, 1))),
+        ("ratio", json!(ratio)),
+        ("ops", json!(stats.ok_window)),
+        ("errors", json!(stats.errors)),
+        ("streams", json!(args.streams)),
+        ("channels", json!(args.channels)),
+        ("seconds", json!(args.seconds)),
+        ("body_bytes", json!(args.body_bytes)),
+        ("cores_shared", json!(cores())),
+    ]);
+}
