@@ -85,10 +85,27 @@ enum Rpc {
     Encrypt,
     Decrypt,
     ReEncrypt,
+    WhoAmI,
     QueryAuditEvents,
+    StreamAuditEvents,
+    GetAuditPublicKey,
+    VerifyAuditLog,
+    ExportAuditLog,
 }
 
-const RPCS: [Rpc; 11] = [
+/// The AuditService RPCs: auditor only, key-independent.
+fn is_audit(rpc: Rpc) -> bool {
+    matches!(
+        rpc,
+        Rpc::QueryAuditEvents
+            | Rpc::StreamAuditEvents
+            | Rpc::GetAuditPublicKey
+            | Rpc::VerifyAuditLog
+            | Rpc::ExportAuditLog
+    )
+}
+
+const RPCS: [Rpc; 16] = [
     Rpc::CreateKey,
     Rpc::ListKeys,
     Rpc::DescribeKey,
@@ -99,7 +116,12 @@ const RPCS: [Rpc; 11] = [
     Rpc::Encrypt,
     Rpc::Decrypt,
     Rpc::ReEncrypt,
+    Rpc::WhoAmI,
     Rpc::QueryAuditEvents,
+    Rpc::StreamAuditEvents,
+    Rpc::GetAuditPublicKey,
+    Rpc::VerifyAuditLog,
+    Rpc::ExportAuditLog,
 ];
 
 /// What a key RPC is aimed at: a key and the encryption context sent (and, for Decrypt and
@@ -257,6 +279,28 @@ async fn run(
             })
             .await
             .map(drop),
+        Rpc::WhoAmI => c.kms.who_am_i(pb::WhoAmIRequest::default()).await.map(drop),
+        // The streams are refused before the first message, so opening them is the test.
+        Rpc::StreamAuditEvents => c
+            .audit
+            .stream_audit_events(pb::StreamAuditEventsRequest::default())
+            .await
+            .map(drop),
+        Rpc::GetAuditPublicKey => c
+            .audit
+            .get_audit_public_key(pb::GetAuditPublicKeyRequest::default())
+            .await
+            .map(drop),
+        Rpc::VerifyAuditLog => c
+            .audit
+            .verify_audit_log(pb::VerifyAuditLogRequest::default())
+            .await
+            .map(drop),
+        Rpc::ExportAuditLog => c
+            .audit
+            .export_audit_log(pb::ExportAuditLogRequest::default())
+            .await
+            .map(drop),
     };
     match r {
         Ok(()) => (Code::Ok, String::new()),
@@ -278,15 +322,20 @@ fn is_crypto(rpc: Rpc) -> bool {
 /// The expected code of a cell.
 fn expected(caller: &str, rpc: Rpc, t: Target) -> Code {
     use Code::*;
-    let key_rpc = !matches!(rpc, Rpc::CreateKey | Rpc::ListKeys | Rpc::QueryAuditEvents);
+    let key_rpc = !matches!(rpc, Rpc::CreateKey | Rpc::ListKeys | Rpc::WhoAmI) && !is_audit(rpc);
+    if rpc == Rpc::WhoAmI {
+        // Everyone may ask who they are (an unbound identity learns it has no roles).
+        return Ok;
+    }
     match caller {
         "key-admin" => match rpc {
-            Rpc::QueryAuditEvents => PermissionDenied,
+            r if is_audit(r) => PermissionDenied,
             r if is_crypto(r) => PermissionDenied,
             _ => Ok,
         },
         "auditor" => match rpc {
-            Rpc::QueryAuditEvents | Rpc::ListKeys | Rpc::DescribeKey => Ok,
+            r if is_audit(r) => Ok,
+            Rpc::ListKeys | Rpc::DescribeKey => Ok,
             _ => PermissionDenied,
         },
         "nobody" if key_rpc => NotFound,
@@ -498,6 +547,9 @@ async fn authorization_matrix() {
         failures.len(),
         failures.join("\n")
     );
+    // 5 callers x 16 RPCs (10 key RPCs, WhoAmI, 5 audit RPCs) x 4 targets.
+    assert_eq!(cells, 5 * RPCS.len() * TARGETS.len());
+    assert_eq!(RPCS.len(), 16);
 
     // The role that allowed a call is in its audit event.
     let mut auditor = callers.remove(3);
