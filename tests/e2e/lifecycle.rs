@@ -22,8 +22,10 @@ enum Outcome {
     Unavailable(String),
     /// The client library never sent the request because the server had announced a graceful
     /// close (HTTP/2 GOAWAY, NO_ERROR) of the connection it was queued on. tonic 0.14 reports
-    /// this as CANCELLED "operation was canceled" (source: hyper Canceled "connection closed")
-    /// or as INTERNAL "h2 protocol error" (source: h2 GoAway(NO_ERROR, Remote)). Not an answer
+    /// this as CANCELLED "operation was canceled" (source: hyper Canceled "connection closed",
+    /// or "connection was not ready" when the connection task ended before the request was
+    /// dispatched) or as INTERNAL "h2 protocol error" (source: h2 GoAway(NO_ERROR, Remote)).
+    /// Not an answer
     /// from the server; only acceptable for calls started after the signal.
     NotSent(Code),
     /// Anything else: a failure.
@@ -38,7 +40,10 @@ fn outcome(status: &tonic::Status) -> Outcome {
         source = e.source();
     }
     let not_sent = match status.code() {
-        Code::Cancelled => chain.contains(r#"hyper::Error(Canceled, "connection closed")"#),
+        Code::Cancelled => {
+            chain.contains(r#"hyper::Error(Canceled, "connection closed")"#)
+                || chain.contains(r#"hyper::Error(Canceled, "connection was not ready")"#)
+        }
         Code::Internal => chain.contains("GoAway(b\"\", NO_ERROR, Remote)"),
         _ => false,
     };
