@@ -341,6 +341,8 @@ file = "{policy}"
             key,
         )?;
         cfg.max_retries = 0;
+        // Tests run in parallel on two cores: a 5 s deadline is tight for exports and bursts.
+        cfg.request_timeout = Duration::from_secs(30);
         Ok(KmsClient::new(&cfg)?)
     }
 
