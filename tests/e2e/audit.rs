@@ -254,3 +254,27 @@ async fn concurrent_load_leaves_a_gapless_chain_with_one_event_per_answer() {
     let answered: BTreeMap<&str, usize> = answered.into_iter().collect();
     assert_eq!(recorded, answered);
 }
+
+/// VerifyAuditLog asks for a checkpoint of the head; when an automatic checkpoint already
+/// covers it (here: one after every event), the stored one answers instead of a duplicate.
+#[tokio::test]
+async fn verify_right_after_an_automatic_checkpoint_succeeds() {
+    let server = KmsServer::start(ServerOptions {
+        checkpoint_every: 1,
+        ..ServerOptions::default()
+    })
+    .await
+    .unwrap();
+    let app = server.client("app").unwrap();
+    app.create_key(Some("cp-dup"), None).await.unwrap();
+    let auditor = server.audit_client(AUDITOR).unwrap();
+    for _ in 0..3 {
+        let report = auditor.verify_audit_log().await.unwrap();
+        assert!(report.ok, "{}", report.report);
+        assert!(report.checkpoints_checked >= 1, "{}", report.report);
+    }
+    let records = auditor.export_audit_log(0, 0).await.unwrap();
+    let key = auditor.audit_public_key().await.unwrap();
+    let offline = kms_audit::verify(&records, &key.key);
+    assert!(offline.ok, "{offline}");
+}

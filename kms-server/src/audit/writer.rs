@@ -283,6 +283,18 @@ impl Writer {
     }
 
     async fn checkpoint(&mut self) -> Result<Option<Checkpoint>, String> {
+        // An explicit request right after an automatic checkpoint (no event in between) must
+        // not store a second checkpoint for the same seq: the stored one already covers it.
+        if self.since_checkpoint == 0 {
+            let last = self
+                .store
+                .last_checkpoint(&self.settings.node_id)
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Some(cp) = last.filter(|cp| cp.seq == self.chain.last_seq()) {
+                return Ok(Some(cp));
+            }
+        }
         let Some(mut cp) = self
             .chain
             .checkpoint(now_ms(), self.public_key.fingerprint())
