@@ -34,7 +34,11 @@ pub(super) fn classify(err: &Error) -> Fault {
             | RvError::PinIncorrect
             | RvError::PinExpired
             | RvError::PinLocked
-            | RvError::HostMemory => Fault::Device,
+            | RvError::HostMemory
+            // "Some horrible, unrecoverable error" (PKCS#11): SoftHSM gives it when its token
+            // files changed under it. Decrypt checks for a GCM tag failure (also
+            // CKR_GENERAL_ERROR in SoftHSM) before it gets here.
+            | RvError::GeneralError => Fault::Device,
             RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid => Fault::StaleHandle,
             _ => Fault::Request,
         },

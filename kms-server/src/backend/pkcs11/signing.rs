@@ -24,7 +24,7 @@ fn find(s: &PooledSession<'_>, class: ObjectClass) -> Result<Option<ObjectHandle
 impl Pkcs11Backend {
     /// Creates the audit key pair if the token has none yet.
     pub(super) fn ensure_audit_key(&self) -> Result<(), BackendError> {
-        self.with_session("create audit signing key", |s| {
+        self.with_exclusive_session("create audit signing key", |s| {
             if find(s, ObjectClass::PRIVATE_KEY)?.is_some() {
                 return Ok(());
             }
