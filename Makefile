@@ -18,6 +18,8 @@ PKI_DIR       := $(DEV_DIR)/pki
 KMSCTL        ?= target/release/kmsctl
 KMS_SERVER    ?= target/release/kms-server
 SERVER_CONFIG ?= config/kms-server.example.toml
+# Key backend of `make demo`: pkcs11 (SoftHSM) or tpm (a swtpm the demo starts and stops).
+BACKEND       ?= pkcs11
 
 .PHONY: help deps build dev-env dev-softhsm dev-pki demo test lint bench run-server clean-dev
 # Steps depend on each other's side effects (packages, binaries); cargo parallelises itself.
@@ -27,7 +29,7 @@ help:
 	@echo "make deps        install missing Debian packages (scripts/install-deps.sh)"
 	@echo "make build       cargo build --release --workspace"
 	@echo "make dev-env     SoftHSM token '$(SOFTHSM_LABEL)' in $(SOFTHSM_DIR) + dev PKI in $(PKI_DIR)"
-	@echo "make demo        deps, build, dev-env, scripts/demo.sh"
+	@echo "make demo        deps, build, dev-env, scripts/demo.sh (BACKEND=tpm: on a swtpm)"
 	@echo "make lint        cargo fmt --check + clippy -D warnings"
 	@echo "make test        deps, lint, then build + cargo test with a PostgreSQL (scripts/with-postgres.sh)"
 	@echo "make bench       deps, then scripts/bench.sh \$$(BENCH_ARGS) (release build, own server and token)"
@@ -51,7 +53,7 @@ dev-pki: build
 	    --client admin --client notes-store --client app --client auditor
 
 demo: deps build dev-env
-	scripts/demo.sh
+	BACKEND=$(BACKEND) scripts/demo.sh
 
 lint:
 	$(CARGO) fmt --all --check

@@ -42,7 +42,9 @@ start_ms=$(date +%s%3N)
 
 export SOFTHSM2_CONF="$dev/softhsm/softhsm2.conf"
 export KMS_PKCS11_PIN_FILE="$dev/softhsm/user.pin" KMS_PKCS11_TOKEN_LABEL=kms-dev
-export KMS_DATABASE_URL="sqlite:$dev/kms.db" KMS_METRICS_LISTEN=""
+# scripts/demo.sh sets KMS_DEMO_CONFIG / KMS_DEMO_DB for BACKEND=tpm (and KMS_TPM_TCTI).
+kms_config=${KMS_DEMO_CONFIG:-config/kms-server.example.toml}
+export KMS_DATABASE_URL="sqlite:${KMS_DEMO_DB:-$dev/kms.db}" KMS_METRICS_LISTEN=""
 export KMS_TLS_CERT="$pki/server.pem" KMS_TLS_KEY="$pki/server.key" KMS_TLS_CLIENT_CA="$pki/ca.pem"
 export KMSCTL_CA="$pki/ca.pem"
 
@@ -68,7 +70,7 @@ stop() {
 
 # start_kms LISTEN: sets kms_pid and kms_addr.
 start_kms() {
-    KMS_LISTEN=$1 "$bin/kms-server" --config config/kms-server.example.toml \
+    KMS_LISTEN=$1 "$bin/kms-server" --config "$kms_config" \
         >"$work/kms.ready" 2>>"$work/kms-server.log" &
     kms_pid=$!
     pids+=("$kms_pid")

@@ -7,6 +7,10 @@
 # stops the server with SIGTERM. Then scripts/demo-notes.sh: encrypted session notes through
 # notes-store for two sites (ciphertext at rest, KMS outage and recovery, cross-site refusals).
 # Exits non-zero if any step does not behave.
+#
+# BACKEND=tpm (`make demo BACKEND=tpm`): the same scenario with the master keys in a TPM: a
+# swtpm started here (state in .dev/swtpm, port $SWTPM_PORT or 2321/2322), stopped at the
+# end, config/kms-server.tpm.example.toml and its own metadata database .dev/kms-tpm.db.
 set -euo pipefail
 
 root=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd -P)
@@ -25,20 +29,68 @@ fail() { printf '   FAILED: %s\n' "$*" >&2; exit 1; }
 [[ -f "$dev/pki/admin.pem" ]] || fail "no admin certificate in $dev/pki: run make dev-pki"
 demo_start_ms=$(date +%s%3N)
 
+backend=${BACKEND:-pkcs11}
+# demo-notes.sh reads these two as well.
+export KMS_DEMO_CONFIG=config/kms-server.example.toml KMS_DEMO_DB="$dev/kms.db"
+device="HSM"
+swtpm_pid=""
+stop_swtpm() {
+    [[ -n "$swtpm_pid" ]] || return 0
+    swtpm_ioctl --tcp "127.0.0.1:$((swtpm_port + 1))" -s >/dev/null 2>&1 || kill "$swtpm_pid" 2>/dev/null || true
+    wait "$swtpm_pid" 2>/dev/null || true
+    swtpm_pid=""
+}
+case "$backend" in
+pkcs11) ;;
+tpm)
+    device="TPM"
+    command -v swtpm >/dev/null || fail "swtpm missing: run make deps"
+    swtpm_dir="$dev/swtpm"
+    swtpm_port=${SWTPM_PORT:-2321}
+    mkdir -p -m 0700 "$swtpm_dir"
+    # A new TPM state has new seeds: key blobs in an older kms-tpm.db could not load any more.
+    [[ -e "$swtpm_dir/tpm2-00.permall" ]] || rm -f "$dev"/kms-tpm.db*
+    if (exec 3<>"/dev/tcp/127.0.0.1/$swtpm_port") 2>/dev/null; then
+        fail "port $swtpm_port is in use (stale swtpm? set SWTPM_PORT)"
+    fi
+    step "Start swtpm (TPM 2.0 simulator, state in .dev/swtpm, port $swtpm_port)"
+    swtpm socket --tpm2 \
+        --server "type=tcp,port=$swtpm_port,bindaddr=127.0.0.1" \
+        --ctrl "type=tcp,port=$((swtpm_port + 1)),bindaddr=127.0.0.1" \
+        --tpmstate "dir=$swtpm_dir" --flags not-need-init,startup-clear \
+        --log "file=$dev/swtpm.log" &
+    swtpm_pid=$!
+    trap stop_swtpm EXIT
+    for _ in $(seq 1 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$swtpm_port") 2>/dev/null && break
+        kill -0 "$swtpm_pid" 2>/dev/null || fail "swtpm exited (see $dev/swtpm.log)"
+        sleep 0.1
+    done
+    ok "swtpm pid $swtpm_pid"
+    export KMS_TPM_TCTI="swtpm:host=127.0.0.1,port=$swtpm_port"
+    export KMS_DEMO_CONFIG=config/kms-server.tpm.example.toml KMS_DEMO_DB="$dev/kms-tpm.db"
+    ;;
+*) fail "BACKEND must be pkcs11 or tpm, not $backend" ;;
+esac
+
 export SOFTHSM2_CONF="$dev/softhsm/softhsm2.conf"
 export KMS_PKCS11_PIN_FILE="$dev/softhsm/user.pin"
 export KMS_PKCS11_TOKEN_LABEL=kms-dev
-export KMS_DATABASE_URL="sqlite:$dev/kms.db"
+export KMS_DATABASE_URL="sqlite:$KMS_DEMO_DB"
 export KMS_LISTEN=127.0.0.1:0          # any free port; the server prints the one it got
 export KMS_METRICS_LISTEN=""
 export KMS_TLS_CERT="$dev/pki/server.pem" KMS_TLS_KEY="$dev/pki/server.key" KMS_TLS_CLIENT_CA="$dev/pki/ca.pem"
 
-step "Start kms-server (SoftHSM token 'kms-dev', mutual TLS, SQLite metadata)"
+if [[ $backend == tpm ]]; then
+    step "Start kms-server (TPM backend on swtpm, mutual TLS, SQLite metadata)"
+else
+    step "Start kms-server (SoftHSM token 'kms-dev', mutual TLS, SQLite metadata)"
+fi
 ready="$dev/kms-server.demo.ready"
 rm -f "$ready"
-"$bin/kms-server" --config config/kms-server.example.toml >"$ready" 2>"$log" &
+"$bin/kms-server" --config "$KMS_DEMO_CONFIG" >"$ready" 2>"$log" &
 server_pid=$!
-cleanup() { kill "$server_pid" 2>/dev/null || true; }
+cleanup() { kill "$server_pid" 2>/dev/null || true; stop_swtpm; }
 trap cleanup EXIT
 for _ in $(seq 1 100); do
     grep -q '^KMS_READY' "$ready" 2>/dev/null && break
@@ -64,7 +116,7 @@ expect_refused() {
     ok "refused with $code: ${out#error: }"
 }
 
-step "Create a master key inside the HSM"
+step "Create a master key inside the $device"
 alias="demo/notes-$(date +%s)"
 key_json=$(admin --json key create --alias "$alias" --description "demo key for session notes")
 key_id=$(jq -r .key_id <<<"$key_json")
@@ -131,11 +183,17 @@ rm -f "$tampered_file"
 step "Stop kms-server with SIGTERM (graceful)"
 kill -TERM "$server_pid"
 wait "$server_pid" && ok "exited cleanly" || fail "kms-server exit status $?"
-trap - EXIT
+trap stop_swtpm EXIT
 
 if grep -qF "$plain" "$log"; then fail "the data key appears in the server log"; fi
 ok "server log ($log) holds no data key"
 
 # Part two: session notes through notes-store, two sites (scripts/demo-notes.sh).
 "$root/scripts/demo-notes.sh"
+if [[ $backend == tpm ]]; then
+    step "Stop swtpm"
+    stop_swtpm
+    trap - EXIT
+    ok "swtpm stopped (its state stays in .dev/swtpm for the next run)"
+fi
 printf '\n\033[1mDemo finished: all steps behaved as expected.\033[0m\n'

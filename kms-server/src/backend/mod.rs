@@ -14,6 +14,8 @@
 //! 6. Methods block: callers run them off the async runtime (`spawn_blocking`).
 
 pub mod pkcs11;
+#[cfg(feature = "tpm")]
+pub mod tpm;
 
 use zeroize::Zeroizing;
 
