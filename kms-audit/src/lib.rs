@@ -22,6 +22,7 @@ mod event;
 mod export;
 #[cfg(feature = "proto")]
 pub mod proto;
+mod receipt;
 mod verify;
 
 pub use chain::Chain;
@@ -31,4 +32,5 @@ pub use encoding::is_hex_sha256;
 pub use error::AuditError;
 pub use event::{AuditEvent, EventFields, EVENT_DOMAIN_TAG, ZERO_HASH};
 pub use export::{interleave, read_jsonl, write_jsonl, ExportRecord};
+pub use receipt::{verify_receipt, ErasureReceipt, ERASURE_RECEIPT_TYPE};
 pub use verify::{verify, VerifyReport};

@@ -27,7 +27,7 @@ const MAX_PAGES: usize = 10_000;
 /// failover, deadline and retry policy.
 #[derive(Clone, Debug)]
 pub struct KmsClient {
-    transport: Transport,
+    pub(crate) transport: Transport,
 }
 
 impl KmsClient {
@@ -61,6 +61,7 @@ impl KmsClient {
                 || pb::CreateKeyRequest {
                     alias: alias.unwrap_or_default().to_string(),
                     description: description.unwrap_or_default().to_string(),
+                    rotation_period_seconds: 0,
                 },
                 |channel, request| async move { Grpc::new(channel).create_key(request).await },
             )

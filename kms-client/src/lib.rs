@@ -53,6 +53,7 @@ mod audit;
 mod client;
 mod config;
 mod error;
+mod lifecycle;
 pub mod pki;
 mod transport;
 mod types;
@@ -69,6 +70,10 @@ pub use config::{
 pub use error::{code_name, Error};
 /// Re-exported: audit events and export records are `kms_audit` types.
 pub use kms_audit;
+pub use lifecycle::{
+    ErasureReceipt, KeyVersion, KeyVersionState, ReEncryptItem, ReEncryptOutcome,
+    MAX_BATCH_RE_ENCRYPT,
+};
 /// Re-exported so callers can match on [`Error::code`] without depending on tonic.
 pub use tonic::Code;
 pub use transport::{Method, MAX_BACKOFF};

@@ -67,6 +67,26 @@ pub enum Method {
     ReEncrypt,
     /// Read only.
     WhoAmI,
+    /// Stores nothing; as `ReEncrypt`, item by item.
+    BatchReEncrypt,
+    /// Not idempotent: a repeat would create another version.
+    RotateKey,
+    /// Read only.
+    ListKeyVersions,
+    /// Sets a state; repeating it sets the same state.
+    EnableKeyVersion,
+    /// Sets a state; repeating it sets the same state.
+    DisableKeyVersion,
+    /// Sets a value (the next rotation is counted again from the repeat).
+    SetKeyRotationPeriod,
+    /// Sets a value.
+    SetMinDecryptionVersion,
+    /// A repeat on a key already pending deletion keeps the first date.
+    ScheduleKeyDeletion,
+    /// Not idempotent: a repeat after success finds the key no longer pending deletion.
+    CancelKeyDeletion,
+    /// A repeat on an erased key returns a receipt for the same destruction.
+    EraseKey,
     /// Read only (the query itself is audited).
     QueryAuditEvents,
     /// Read only: opens a live tail.
@@ -94,6 +114,16 @@ impl Method {
             Method::Decrypt => "Decrypt",
             Method::ReEncrypt => "ReEncrypt",
             Method::WhoAmI => "WhoAmI",
+            Method::BatchReEncrypt => "BatchReEncrypt",
+            Method::RotateKey => "RotateKey",
+            Method::ListKeyVersions => "ListKeyVersions",
+            Method::EnableKeyVersion => "EnableKeyVersion",
+            Method::DisableKeyVersion => "DisableKeyVersion",
+            Method::SetKeyRotationPeriod => "SetKeyRotationPeriod",
+            Method::SetMinDecryptionVersion => "SetMinDecryptionVersion",
+            Method::ScheduleKeyDeletion => "ScheduleKeyDeletion",
+            Method::CancelKeyDeletion => "CancelKeyDeletion",
+            Method::EraseKey => "EraseKey",
             Method::QueryAuditEvents => "QueryAuditEvents",
             Method::StreamAuditEvents => "StreamAuditEvents",
             Method::GetAuditPublicKey => "GetAuditPublicKey",
@@ -102,9 +132,12 @@ impl Method {
         }
     }
 
-    /// Whether sending the request twice is harmless. Only `CreateKey` is not.
+    /// Whether sending the request twice is harmless.
     pub fn is_idempotent(self) -> bool {
-        !matches!(self, Method::CreateKey)
+        !matches!(
+            self,
+            Method::CreateKey | Method::RotateKey | Method::CancelKeyDeletion
+        )
     }
 }
 

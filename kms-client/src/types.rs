@@ -21,6 +21,8 @@ pub enum KeyState {
     Disabled,
     /// Scheduled for destruction; unusable.
     PendingDeletion,
+    /// Every version destroyed in the device; its blobs can never be decrypted again.
+    Destroyed,
     /// `KEY_STATE_UNSPECIFIED` or a value this client does not know (the raw number).
     Unspecified(i32),
 }
@@ -33,6 +35,7 @@ impl KeyState {
             KeyState::Enabled => "ENABLED",
             KeyState::Disabled => "DISABLED",
             KeyState::PendingDeletion => "PENDING_DELETION",
+            KeyState::Destroyed => "DESTROYED",
             KeyState::Unspecified(_) => "UNSPECIFIED",
         }
     }
@@ -44,6 +47,7 @@ impl From<i32> for KeyState {
             Ok(pb::KeyState::Enabled) => KeyState::Enabled,
             Ok(pb::KeyState::Disabled) => KeyState::Disabled,
             Ok(pb::KeyState::PendingDeletion) => KeyState::PendingDeletion,
+            Ok(pb::KeyState::Destroyed) => KeyState::Destroyed,
             Ok(pb::KeyState::Unspecified) | Err(_) => KeyState::Unspecified(raw),
         }
     }
@@ -72,6 +76,14 @@ pub struct KeyMetadata {
     pub created_at_unix_ms: i64,
     /// `"pkcs11"` or `"tpm"`.
     pub backend: String,
+    /// Automatic rotation period in seconds; 0 = none.
+    pub rotation_period_seconds: u64,
+    /// Next automatic rotation (ms since the epoch); 0 = not scheduled.
+    pub next_rotation_at_unix_ms: i64,
+    /// Blobs under older versions are refused.
+    pub min_decryption_version: u32,
+    /// Pending deletion: when it will be destroyed; destroyed: when it was. 0 otherwise.
+    pub deletion_at_unix_ms: i64,
 }
 
 impl From<pb::KeyMetadata> for KeyMetadata {
@@ -84,6 +96,10 @@ impl From<pb::KeyMetadata> for KeyMetadata {
             primary_version: m.primary_version,
             created_at_unix_ms: m.created_at_unix_ms,
             backend: m.backend,
+            rotation_period_seconds: m.rotation_period_seconds,
+            next_rotation_at_unix_ms: m.next_rotation_at_unix_ms,
+            min_decryption_version: m.min_decryption_version,
+            deletion_at_unix_ms: m.deletion_at_unix_ms,
         }
     }
 }
@@ -286,7 +302,10 @@ mod tests {
             primary_version: 2,
             created_at_unix_ms: 5,
             backend: "pkcs11".into(),
+            min_decryption_version: 2,
+            ..Default::default()
         });
+        assert_eq!(m.min_decryption_version, 2);
         assert_eq!(m.alias, None);
         assert_eq!(m.state, KeyState::Disabled);
         assert_eq!(KeyState::from(99), KeyState::Unspecified(99));

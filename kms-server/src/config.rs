@@ -26,6 +26,44 @@ pub struct Config {
     pub audit: AuditSection,
     #[serde(default)]
     pub policy: PolicySection,
+    #[serde(default)]
+    pub lifecycle: LifecycleSection,
+}
+
+/// Key rotation and deletion limits, and the background worker that applies them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleSection {
+    /// Shortest automatic rotation period a key may be given (default 1 day; tests use less).
+    #[serde(default = "default_min_rotation")]
+    pub min_rotation_period_secs: u64,
+    /// Shortest ScheduleKeyDeletion waiting period (default 7 days; tests use less). The
+    /// longest is always 30 days, the default 30 days.
+    #[serde(default = "default_min_deletion_wait")]
+    pub min_deletion_waiting_secs: u64,
+    /// How often the worker looks for keys due for rotation or destruction.
+    #[serde(default = "default_lifecycle_interval")]
+    pub check_interval_ms: u64,
+}
+
+impl Default for LifecycleSection {
+    fn default() -> Self {
+        LifecycleSection {
+            min_rotation_period_secs: default_min_rotation(),
+            min_deletion_waiting_secs: default_min_deletion_wait(),
+            check_interval_ms: default_lifecycle_interval(),
+        }
+    }
+}
+
+fn default_min_rotation() -> u64 {
+    86_400
+}
+fn default_min_deletion_wait() -> u64 {
+    7 * 86_400
+}
+fn default_lifecycle_interval() -> u64 {
+    60_000
 }
 
 /// Who may do what (see `crate::policy` and config/kms-policy.example.toml).
@@ -105,6 +143,23 @@ pub struct DatabaseSection {
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum BackendConfig {
     Pkcs11(Pkcs11Section),
+    Tpm(TpmSection),
+}
+
+/// `type = "tpm"`: a TPM 2.0 reached through a TCTI (see README "TPM backend").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TpmSection {
+    /// TCTI string: `swtpm:host=127.0.0.1,port=2321`, `device:/dev/tpmrm0`, `tabrmd:`
+    /// (KMS_TPM_TCTI).
+    pub tcti: String,
+    /// How long a request waits for the TPM before UNAVAILABLE.
+    #[serde(default = "default_tpm_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+fn default_tpm_timeout_ms() -> u64 {
+    10_000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -161,7 +216,7 @@ fn default_node_id() -> String {
     "kms-1".into()
 }
 fn default_max_message_bytes() -> usize {
-    64 * 1024
+    1024 * 1024
 }
 fn default_grace() -> u64 {
     10
@@ -232,15 +287,23 @@ impl Config {
         if let Some(v) = get("KMS_LOG_LEVEL") {
             self.log.level = v;
         }
-        let BackendConfig::Pkcs11(p) = &mut self.backend;
-        if let Some(v) = get("KMS_PKCS11_MODULE") {
-            p.module = v.into();
-        }
-        if let Some(v) = get("KMS_PKCS11_TOKEN_LABEL") {
-            p.token_label = v;
-        }
-        if let Some(v) = get("KMS_PKCS11_PIN_FILE") {
-            p.pin_file = Some(v.into());
+        match &mut self.backend {
+            BackendConfig::Pkcs11(p) => {
+                if let Some(v) = get("KMS_PKCS11_MODULE") {
+                    p.module = v.into();
+                }
+                if let Some(v) = get("KMS_PKCS11_TOKEN_LABEL") {
+                    p.token_label = v;
+                }
+                if let Some(v) = get("KMS_PKCS11_PIN_FILE") {
+                    p.pin_file = Some(v.into());
+                }
+            }
+            BackendConfig::Tpm(t) => {
+                if let Some(v) = get("KMS_TPM_TCTI") {
+                    t.tcti = v;
+                }
+            }
         }
         Ok(())
     }
@@ -333,5 +396,19 @@ mod tests {
     fn unknown_keys_are_refused() {
         let bad = EXAMPLE.replace("[server]", "[server]\nlisten_typo = 1");
         assert!(toml::from_str::<Config>(&bad).is_err());
+    }
+
+    #[test]
+    fn tpm_example_config_parses_and_tcti_comes_from_env() {
+        let text = include_str!("../../config/kms-server.tpm.example.toml");
+        let mut cfg: Config = toml::from_str(text).unwrap();
+        cfg.validate().unwrap();
+        cfg.apply_env(|k| (k == "KMS_TPM_TCTI").then(|| "swtpm:host=127.0.0.1,port=9".into()))
+            .unwrap();
+        let BackendConfig::Tpm(t) = &cfg.backend else {
+            panic!("not a TPM backend: {:?}", cfg.backend);
+        };
+        assert_eq!(t.tcti, "swtpm:host=127.0.0.1,port=9");
+        assert_eq!(t.request_timeout_ms, 10_000);
     }
 }

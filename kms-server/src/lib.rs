@@ -12,6 +12,7 @@ pub mod config;
 pub mod context;
 pub mod envelope;
 pub mod error;
+pub mod lifecycle;
 pub mod metrics;
 pub mod policy;
 pub mod server;

@@ -46,6 +46,11 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(&cfg);
+    // libtss2 (TPM backend) prints every failed TPM command on stderr unless told otherwise;
+    // the backend logs what matters. Set while this process has a single thread.
+    if std::env::var_os("TSS2_LOG").is_none() {
+        std::env::set_var("TSS2_LOG", "all+none");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -26,7 +26,8 @@ const SERVICE_NAME: &str = "kms.v1.KeyManagementService";
 /// How often the client CRL file's modification time is checked.
 const CRL_POLL: Duration = Duration::from_secs(2);
 
-/// Builds the configured key backend (blocking: loads the PKCS#11 module and logs in).
+/// Builds the configured key backend (blocking: loads the PKCS#11 module and logs in, or
+/// connects to the TPM).
 pub fn build_backend(cfg: &BackendConfig) -> anyhow::Result<Arc<dyn KeyBackend>> {
     match cfg {
         BackendConfig::Pkcs11(p) => {
@@ -39,6 +40,20 @@ pub fn build_backend(cfg: &BackendConfig) -> anyhow::Result<Arc<dyn KeyBackend>>
             };
             let backend = Pkcs11Backend::new(settings).context("opening the PKCS#11 token")?;
             Ok(Arc::new(backend))
+        }
+        #[cfg(feature = "tpm")]
+        BackendConfig::Tpm(t) => {
+            let settings = crate::backend::tpm::TpmSettings {
+                tcti: t.tcti.clone(),
+                request_timeout: Duration::from_millis(t.request_timeout_ms),
+            };
+            let backend = crate::backend::tpm::TpmBackend::new(settings)
+                .with_context(|| format!("opening the TPM at {}", t.tcti))?;
+            Ok(Arc::new(backend))
+        }
+        #[cfg(not(feature = "tpm"))]
+        BackendConfig::Tpm(_) => {
+            anyhow::bail!("this kms-server was built without the `tpm` feature")
         }
     }
 }
@@ -93,7 +108,13 @@ pub async fn run(
         audit.clone(),
         policy.clone(),
         cfg.key_cache_ttl(),
+        cfg.lifecycle.clone(),
     );
+    let lifecycle_task = tokio::spawn(crate::lifecycle::run(
+        service.clone(),
+        audit.clone(),
+        Duration::from_millis(cfg.lifecycle.check_interval_ms),
+    ));
     let reload_task = tokio::spawn(reload_on_hangup(
         hangup,
         policy.clone(),
@@ -168,6 +189,7 @@ pub async fn run(
     }
     health_task.abort();
     reload_task.abort();
+    lifecycle_task.abort();
     if let Some(t) = crl_task {
         t.abort();
     }

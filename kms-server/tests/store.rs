@@ -109,7 +109,8 @@ store_tests!(
     duplicate_alias_is_conflict,
     insert_key_rejects_inconsistent_first_version,
     list_keys_pages_in_key_id_order,
-    set_key_state_updates_and_returns_none_for_unknown,
+    update_key_is_compare_and_swap_on_state,
+    version_states_and_due_queries,
     versions_add_get_list,
     add_version_duplicate_is_conflict,
     add_version_make_primary_is_atomic,
@@ -131,6 +132,10 @@ fn key_with_id(key_id: Uuid, alias: Option<&str>) -> (KeyRecord, KeyVersionRecor
         primary_version: 1,
         created_at_ms: T0,
         backend: "pkcs11".to_string(),
+        rotation_period_ms: None,
+        next_rotation_ms: None,
+        min_decryption_version: 1,
+        deletion_at_ms: None,
     };
     let version = version_of(key_id, 1, format!("kms:{key_id}:v1").into_bytes());
     (key, version)
@@ -333,36 +338,155 @@ async fn list_keys_pages_in_key_id_order(db: TestDb) {
     assert_eq!(first, vec![store.get_key(ids[0]).await.unwrap().unwrap()]);
 }
 
-async fn set_key_state_updates_and_returns_none_for_unknown(db: TestDb) {
+async fn update_key_is_compare_and_swap_on_state(db: TestDb) {
     let store = db.store.as_ref();
     let (key, _) = insert_new_key(store, Some("stateful")).await;
 
-    for state in [
-        KeyState::Disabled,
-        KeyState::PendingDeletion,
-        KeyState::Enabled,
+    let mut current = key.clone();
+    for next in [
+        KeyRecord {
+            state: KeyState::Disabled,
+            rotation_period_ms: Some(86_400_000),
+            next_rotation_ms: Some(T0 + 86_400_000),
+            ..key.clone()
+        },
+        KeyRecord {
+            state: KeyState::PendingDeletion,
+            deletion_at_ms: Some(T0 + 7),
+            ..key.clone()
+        },
+        KeyRecord {
+            state: KeyState::Destroyed,
+            deletion_at_ms: Some(T0 + 8),
+            min_decryption_version: 1,
+            ..key.clone()
+        },
     ] {
         let updated = store
-            .set_key_state(key.key_id, state)
+            .update_key(&next, current.state)
             .await
             .unwrap()
-            .expect("key exists");
-        assert_eq!(
-            updated,
-            KeyRecord {
-                state,
-                ..key.clone()
-            }
-        );
-        assert_eq!(store.get_key(key.key_id).await.unwrap(), Some(updated));
+            .expect("state matched");
+        assert_eq!(updated, next);
+        assert_eq!(store.get_key(key.key_id).await.unwrap(), Some(next.clone()));
+        current = next;
     }
+    // A stale expected state changes nothing.
+    let stale = KeyRecord {
+        state: KeyState::Enabled,
+        ..key.clone()
+    };
     assert_eq!(
-        store
-            .set_key_state(Uuid::new_v4(), KeyState::Disabled)
-            .await
-            .unwrap(),
+        store.update_key(&stale, KeyState::Enabled).await.unwrap(),
         None
     );
+    assert_eq!(store.get_key(key.key_id).await.unwrap(), Some(current));
+    // An unknown key is None too.
+    let (ghost, _) = new_key(None);
+    assert_eq!(
+        store.update_key(&ghost, KeyState::Enabled).await.unwrap(),
+        None
+    );
+    // The schema refuses a pending deletion without a date.
+    let (other, _) = insert_new_key(store, Some("other")).await;
+    let undated = KeyRecord {
+        state: KeyState::PendingDeletion,
+        deletion_at_ms: None,
+        ..other
+    };
+    assert!(store.update_key(&undated, KeyState::Enabled).await.is_err());
+}
+
+async fn version_states_and_due_queries(db: TestDb) {
+    let store = db.store.as_ref();
+    let (key, _) = insert_new_key(store, Some("due")).await;
+    let v2 = version_of(key.key_id, 2, b"v2".to_vec());
+    store.add_version(&v2, false).await.unwrap();
+    let disabled = store
+        .set_version_state(key.key_id, 2, VersionState::Disabled)
+        .await
+        .unwrap()
+        .expect("version exists");
+    assert_eq!(disabled.state, VersionState::Disabled);
+    assert_eq!(
+        store
+            .get_version(key.key_id, 2)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        VersionState::Disabled
+    );
+    assert!(store
+        .set_version_state(key.key_id, 9, VersionState::Disabled)
+        .await
+        .unwrap()
+        .is_none());
+
+    // Rotation due: only ENABLED keys whose next rotation has passed.
+    assert!(store
+        .keys_due_for_rotation(T0 + 10, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let rotating = KeyRecord {
+        rotation_period_ms: Some(1000),
+        next_rotation_ms: Some(T0 + 5),
+        ..key.clone()
+    };
+    store
+        .update_key(&rotating, KeyState::Enabled)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(store
+        .keys_due_for_rotation(T0 + 4, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    let due = store.keys_due_for_rotation(T0 + 5, 10).await.unwrap();
+    assert_eq!(due, vec![rotating.clone()]);
+    // Making a new version primary moves the next rotation to its creation + period.
+    let v3 = KeyVersionRecord {
+        created_at_ms: T0 + 100,
+        ..version_of(key.key_id, 3, b"v3".to_vec())
+    };
+    store.add_version(&v3, true).await.unwrap();
+    let after = store.get_key(key.key_id).await.unwrap().unwrap();
+    assert_eq!(after.primary_version, 3);
+    assert_eq!(after.next_rotation_ms, Some(T0 + 1100));
+
+    // Deletion due: PENDING_DELETION keys whose date has passed; no new primary version then.
+    let pending = KeyRecord {
+        state: KeyState::PendingDeletion,
+        deletion_at_ms: Some(T0 + 50),
+        ..after.clone()
+    };
+    store
+        .update_key(&pending, KeyState::Enabled)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(store
+        .keys_due_for_rotation(T0 + 5000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .keys_due_for_deletion(T0 + 49, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.keys_due_for_deletion(T0 + 50, 10).await.unwrap(),
+        vec![pending]
+    );
+    let v4 = version_of(key.key_id, 4, b"v4".to_vec());
+    assert!(matches!(
+        store.add_version(&v4, true).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.list_versions(key.key_id).await.unwrap().len(), 3);
 }
 
 async fn versions_add_get_list(db: TestDb) {

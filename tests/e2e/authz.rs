@@ -85,6 +85,16 @@ enum Rpc {
     Encrypt,
     Decrypt,
     ReEncrypt,
+    BatchReEncrypt,
+    RotateKey,
+    ListKeyVersions,
+    EnableKeyVersion,
+    DisableKeyVersion,
+    SetKeyRotationPeriod,
+    SetMinDecryptionVersion,
+    ScheduleKeyDeletion,
+    CancelKeyDeletion,
+    EraseKey,
     WhoAmI,
     QueryAuditEvents,
     StreamAuditEvents,
@@ -105,7 +115,7 @@ fn is_audit(rpc: Rpc) -> bool {
     )
 }
 
-const RPCS: [Rpc; 16] = [
+const RPCS: [Rpc; 26] = [
     Rpc::CreateKey,
     Rpc::ListKeys,
     Rpc::DescribeKey,
@@ -116,6 +126,16 @@ const RPCS: [Rpc; 16] = [
     Rpc::Encrypt,
     Rpc::Decrypt,
     Rpc::ReEncrypt,
+    Rpc::BatchReEncrypt,
+    Rpc::RotateKey,
+    Rpc::ListKeyVersions,
+    Rpc::EnableKeyVersion,
+    Rpc::DisableKeyVersion,
+    Rpc::SetKeyRotationPeriod,
+    Rpc::SetMinDecryptionVersion,
+    Rpc::ScheduleKeyDeletion,
+    Rpc::CancelKeyDeletion,
+    Rpc::EraseKey,
     Rpc::WhoAmI,
     Rpc::QueryAuditEvents,
     Rpc::StreamAuditEvents,
@@ -195,6 +215,7 @@ async fn run(
             .create_key(pb::CreateKeyRequest {
                 alias: format!("scratch/{}", uuid::Uuid::new_v4()),
                 description: String::new(),
+                ..Default::default()
             })
             .await
             .map(drop),
@@ -271,6 +292,115 @@ async fn run(
             })
             .await
             .map(drop),
+        // One item: the call succeeds and the item carries the verdict ReEncrypt would give.
+        Rpc::BatchReEncrypt => c
+            .kms
+            .batch_re_encrypt(pb::BatchReEncryptRequest {
+                items: vec![pb::ReEncryptItem {
+                    ciphertext_blob: t.blob(f).to_vec(),
+                    source_encryption_context: ctx,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await
+            .and_then(|r| {
+                let item = r.into_inner().results.remove(0);
+                match item.code {
+                    0 => Ok(()),
+                    code => Err(tonic::Status::new(Code::from(code), item.message)),
+                }
+            }),
+        Rpc::RotateKey => c
+            .kms
+            .rotate_key(pb::RotateKeyRequest { key })
+            .await
+            .map(drop),
+        Rpc::ListKeyVersions => c
+            .kms
+            .list_key_versions(pb::ListKeyVersionsRequest { key })
+            .await
+            .map(drop),
+        Rpc::EnableKeyVersion => c
+            .kms
+            .enable_key_version(pb::EnableKeyVersionRequest { key, version: 1 })
+            .await
+            .map(drop),
+        // Version 1 is no longer primary (start() rotated both keys); put it back on success.
+        Rpc::DisableKeyVersion => {
+            let r = c
+                .kms
+                .disable_key_version(pb::DisableKeyVersionRequest {
+                    key: key.clone(),
+                    version: 1,
+                })
+                .await
+                .map(drop);
+            if r.is_ok() {
+                admin
+                    .kms
+                    .enable_key_version(pb::EnableKeyVersionRequest { key, version: 1 })
+                    .await
+                    .unwrap();
+            }
+            r
+        }
+        Rpc::SetKeyRotationPeriod => c
+            .kms
+            .set_key_rotation_period(pb::SetKeyRotationPeriodRequest {
+                key,
+                rotation_period_seconds: 0,
+            })
+            .await
+            .map(drop),
+        Rpc::SetMinDecryptionVersion => c
+            .kms
+            .set_min_decryption_version(pb::SetMinDecryptionVersionRequest {
+                key,
+                min_decryption_version: 1,
+            })
+            .await
+            .map(drop),
+        // On success the key is put back: cancel (→ DISABLED), then enable.
+        Rpc::ScheduleKeyDeletion => {
+            let r = c
+                .kms
+                .schedule_key_deletion(pb::ScheduleKeyDeletionRequest {
+                    key: key.clone(),
+                    waiting_period_seconds: 0,
+                })
+                .await
+                .map(drop);
+            if r.is_ok() {
+                admin
+                    .kms
+                    .cancel_key_deletion(pb::CancelKeyDeletionRequest { key: key.clone() })
+                    .await
+                    .unwrap();
+                admin
+                    .kms
+                    .enable_key(pb::EnableKeyRequest { key })
+                    .await
+                    .unwrap();
+            }
+            r
+        }
+        // The keys are never pending deletion here: an authorized caller learns that.
+        Rpc::CancelKeyDeletion => c
+            .kms
+            .cancel_key_deletion(pb::CancelKeyDeletionRequest { key })
+            .await
+            .map(drop),
+        // Nobody in this policy holds EraseKey (custodians only), so nothing is destroyed.
+        Rpc::EraseKey => c
+            .kms
+            .erase_key(pb::EraseKeyRequest {
+                key,
+                reason: "authz matrix".into(),
+                subject: HashMap::new(),
+            })
+            .await
+            .map(drop),
         Rpc::QueryAuditEvents => c
             .audit
             .query_audit_events(pb::QueryAuditEventsRequest {
@@ -316,7 +446,13 @@ fn is_crypto(rpc: Rpc) -> bool {
             | Rpc::Encrypt
             | Rpc::Decrypt
             | Rpc::ReEncrypt
+            | Rpc::BatchReEncrypt
     )
+}
+
+/// Blob RPCs: the key comes from the blob, so a hidden key is named by id.
+fn is_blob(rpc: Rpc) -> bool {
+    matches!(rpc, Rpc::Decrypt | Rpc::ReEncrypt | Rpc::BatchReEncrypt)
 }
 
 /// The expected code of a cell.
@@ -331,11 +467,14 @@ fn expected(caller: &str, rpc: Rpc, t: Target) -> Code {
         "key-admin" => match rpc {
             r if is_audit(r) => PermissionDenied,
             r if is_crypto(r) => PermissionDenied,
+            // Crypto-shredding is the custodian's, not the key administrator's.
+            Rpc::EraseKey => PermissionDenied,
+            Rpc::CancelKeyDeletion => FailedPrecondition,
             _ => Ok,
         },
         "auditor" => match rpc {
             r if is_audit(r) => Ok,
-            Rpc::ListKeys | Rpc::DescribeKey => Ok,
+            Rpc::ListKeys | Rpc::DescribeKey | Rpc::ListKeyVersions => Ok,
             _ => PermissionDenied,
         },
         "nobody" if key_rpc => NotFound,
@@ -348,7 +487,7 @@ fn expected(caller: &str, rpc: Rpc, t: Target) -> Code {
             } else if key_site != own {
                 // Not its key: indistinguishable from a missing key.
                 NotFound
-            } else if rpc == Rpc::DescribeKey {
+            } else if matches!(rpc, Rpc::DescribeKey | Rpc::ListKeyVersions) {
                 Ok
             } else if !is_crypto(rpc) {
                 PermissionDenied
@@ -382,6 +521,7 @@ async fn start() -> (KmsServer, Fixture, Caller) {
             kms.create_key(pb::CreateKeyRequest {
                 alias: alias.into(),
                 description: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -431,6 +571,15 @@ async fn start() -> (KmsServer, Fixture, Caller) {
     std::fs::write(&server.policy_path, POLICY).unwrap();
     server.hangup().unwrap();
     wait_until_denied(&mut sealer).await;
+    // The blobs stay on version 1; version 2 is primary, so version 1 may be disabled.
+    for key in ["notes/a", "notes/b"] {
+        admin
+            .kms
+            .clone()
+            .rotate_key(pb::RotateKeyRequest { key: key.into() })
+            .await
+            .unwrap();
+    }
     (
         server,
         Fixture {
@@ -510,7 +659,7 @@ async fn authorization_matrix() {
                     ));
                 }
                 // Refusals name what is missing; hidden keys say exactly what a missing key says.
-                if got == Code::NotFound && rpc != Rpc::Decrypt && rpc != Rpc::ReEncrypt {
+                if got == Code::NotFound && !is_blob(rpc) {
                     let alias = &t.key(&f).alias;
                     assert_eq!(
                         msg,
@@ -519,7 +668,7 @@ async fn authorization_matrix() {
                         c.name
                     );
                 }
-                if got == Code::NotFound && (rpc == Rpc::Decrypt || rpc == Rpc::ReEncrypt) {
+                if got == Code::NotFound && is_blob(rpc) {
                     assert_eq!(
                         msg,
                         format!("key {} not found", t.key(&f).key_id),
@@ -547,9 +696,9 @@ async fn authorization_matrix() {
         failures.len(),
         failures.join("\n")
     );
-    // 5 callers x 16 RPCs (10 key RPCs, WhoAmI, 5 audit RPCs) x 4 targets.
+    // 5 callers x 26 RPCs (20 key RPCs, WhoAmI, 5 audit RPCs) x 4 targets.
     assert_eq!(cells, 5 * RPCS.len() * TARGETS.len());
-    assert_eq!(RPCS.len(), 16);
+    assert_eq!(RPCS.len(), 26);
 
     // The role that allowed a call is in its audit event.
     let mut auditor = callers.remove(3);

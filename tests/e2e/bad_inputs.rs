@@ -178,6 +178,7 @@ async fn key_administration_rpcs_refuse_bad_inputs() {
     let create = |alias: &str, description: &str| pb::CreateKeyRequest {
         alias: alias.into(),
         description: description.into(),
+        ..Default::default()
     };
 
     // CreateKey: the limits, just inside and just outside.

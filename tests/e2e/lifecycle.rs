@@ -276,6 +276,7 @@ async fn survives_restart(server: &mut KmsServer) {
     let create = |alias: &str| pb::CreateKeyRequest {
         alias: alias.into(),
         description: "kept".into(),
+        ..Default::default()
     };
     let key = kms
         .create_key(create("persist"))

@@ -146,6 +146,7 @@ async fn no_secrets_in_files(log_json: bool) {
     let create = |alias: &str| pb::CreateKeyRequest {
         alias: alias.into(),
         description: "notes".into(),
+        ..Default::default()
     };
     let key = kms
         .create_key(create("secrets"))

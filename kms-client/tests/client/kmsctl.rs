@@ -36,6 +36,14 @@ fn stdout(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
+/// The value of a `name: value` line of kmsctl's aligned text output.
+fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        (k == name).then(|| v.trim())
+    })
+}
+
 fn json(out: &Output) -> Value {
     let text = stdout(out);
     assert_eq!(text.lines().count(), 1, "one JSON object: {text}");
@@ -48,12 +56,14 @@ async fn key_commands_in_text_and_json() {
     let s = start(pki.path(), mock("a")).await;
 
     let text = stdout(&kmsctl(pki.path(), &s.url, &["key", "describe", "notes"]).await);
-    assert!(text.contains("key_id:             id-notes\n"), "{text}");
-    assert!(text.contains("state:              ENABLED\n"), "{text}");
-    assert!(
-        text.contains("created_at:         2023-11-14T22:13:20Z\n"),
+    assert_eq!(field(&text, "key_id"), Some("id-notes"), "{text}");
+    assert_eq!(field(&text, "state"), Some("ENABLED"), "{text}");
+    assert_eq!(
+        field(&text, "created_at"),
+        Some("2023-11-14T22:13:20Z"),
         "{text}"
     );
+    assert_eq!(field(&text, "next_rotation_at"), Some("-"), "{text}");
 
     let v = json(&kmsctl(pki.path(), &s.url, &["--json", "key", "disable", "k"]).await);
     assert_eq!(v["state"], "DISABLED");

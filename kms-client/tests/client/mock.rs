@@ -61,6 +61,7 @@ impl Svc {
             primary_version: 1,
             created_at_unix_ms: 1_700_000_000_000,
             backend: self.0.name.into(), // tells the test which server answered
+            ..Default::default()
         })
     }
 }
@@ -72,6 +73,96 @@ fn ctx_tag(ctx: &std::collections::HashMap<String, String>) -> Vec<u8> {
 
 #[tonic::async_trait]
 impl KeyManagementService for Svc {
+    async fn batch_re_encrypt(
+        &self,
+        r: Request<pb::BatchReEncryptRequest>,
+    ) -> Result<Response<pb::BatchReEncryptResponse>, Status> {
+        self.gate(&r).await?;
+        Err(Status::unimplemented(
+            "the transport tests do not use key lifecycle RPCs",
+        ))
+    }
+    async fn rotate_key(
+        &self,
+        r: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        self.gate(&r).await?;
+        Err(Status::unimplemented(
+            "the transport tests do not use key lifecycle RPCs",
+        ))
+    }
+    async fn list_key_versions(
+        &self,
+        r: Request<pb::ListKeyVersionsRequest>,
+    ) -> Result<Response<pb::ListKeyVersionsResponse>, Status> {
+        self.gate(&r).await?;
+        Err(Status::unimplemented(
+            "the transport tests do not use key lifecycle RPCs",
+        ))
+    }
+    async fn enable_key_version(
+        &self,
+        r: Request<pb::EnableKeyVersionRequest>,
+    ) -> Result<Response<pb::EnableKeyVersionResponse>, Status> {
+        self.gate(&r).await?;
+        Err(Status::unimplemented(
+            "the transport tests do not use key lifecycle RPCs",
+        ))
+    }
+    async fn disable_key_version(
+        &self,
+        r: Request<pb::DisableKeyVersionRequest>,
+    ) -> Result<Response<pb::DisableKeyVersionResponse>, Status> {
+        self.gate(&r).await?;
+        Err(Status::unimplemented(
+            "the transport tests do not use key lifecycle RPCs",
+        ))
+    }
+    async fn set_key_rotation_period(
+        &self,
+        r: Request<pb::SetKeyRotationPeriodRequest>,
+    ) -> Result<Response<pb::SetKeyRotationPeriodResponse>, Status> {
+        self.gate(&r).await?;
+        Err(Status::unimplemented(
+            "the transport tests do not use key lifecycle RPCs",
+        ))
+    }
+    async fn set_min_decryption_version(
+        &self,
+        r: Request<pb::SetMinDecryptionVersionRequest>,
+    ) -> Result<Response<pb::SetMinDecryptionVersionResponse>, Status> {
+        self.gate(&r).await?;
+        Err(Status::unimplemented(
+            "the transport tests do not use key lifecycle RPCs",
+        ))
+    }
+    async fn schedule_key_deletion(
+        &self,
+        r: Request<pb::ScheduleKeyDeletionRequest>,
+    ) -> Result<Response<pb::ScheduleKeyDeletionResponse>, Status> {
+        self.gate(&r).await?;
+        Err(Status::unimplemented(
+            "the transport tests do not use key lifecycle RPCs",
+        ))
+    }
+    async fn cancel_key_deletion(
+        &self,
+        r: Request<pb::CancelKeyDeletionRequest>,
+    ) -> Result<Response<pb::CancelKeyDeletionResponse>, Status> {
+        self.gate(&r).await?;
+        Err(Status::unimplemented(
+            "the transport tests do not use key lifecycle RPCs",
+        ))
+    }
+    async fn erase_key(
+        &self,
+        r: Request<pb::EraseKeyRequest>,
+    ) -> Result<Response<pb::EraseKeyResponse>, Status> {
+        self.gate(&r).await?;
+        Err(Status::unimplemented(
+            "the transport tests do not use key lifecycle RPCs",
+        ))
+    }
     async fn who_am_i(
         &self,
         r: Request<pb::WhoAmIRequest>,

@@ -24,10 +24,17 @@ pub enum Permission {
     Decrypt,
     ReEncrypt,
     ReadAuditLog,
+    RotateKey,
+    /// Rotation period and minimum decryption version.
+    ConfigureKey,
+    ScheduleKeyDeletion,
+    CancelKeyDeletion,
+    /// Immediate destruction of every version (crypto-shredding).
+    EraseKey,
 }
 
 impl Permission {
-    pub const ALL: [Permission; 11] = [
+    pub const ALL: [Permission; 16] = [
         Permission::CreateKey,
         Permission::DescribeKey,
         Permission::ListKeys,
@@ -39,6 +46,11 @@ impl Permission {
         Permission::Decrypt,
         Permission::ReEncrypt,
         Permission::ReadAuditLog,
+        Permission::RotateKey,
+        Permission::ConfigureKey,
+        Permission::ScheduleKeyDeletion,
+        Permission::CancelKeyDeletion,
+        Permission::EraseKey,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +66,11 @@ impl Permission {
             Permission::Decrypt => "kms:Decrypt",
             Permission::ReEncrypt => "kms:ReEncrypt",
             Permission::ReadAuditLog => "kms:ReadAuditLog",
+            Permission::RotateKey => "kms:RotateKey",
+            Permission::ConfigureKey => "kms:ConfigureKey",
+            Permission::ScheduleKeyDeletion => "kms:ScheduleKeyDeletion",
+            Permission::CancelKeyDeletion => "kms:CancelKeyDeletion",
+            Permission::EraseKey => "kms:EraseKey",
         }
     }
 
@@ -75,12 +92,10 @@ impl Permission {
         )
     }
 
-    /// About one key (as opposed to the key set or the audit log).
+    /// About one key (as opposed to the key set or the audit log). `CreateKey` is about the
+    /// key to be created: a rule's `keys` patterns bound the aliases it may create.
     pub fn is_key_scoped(self) -> bool {
-        !matches!(
-            self,
-            Permission::CreateKey | Permission::ListKeys | Permission::ReadAuditLog
-        )
+        !matches!(self, Permission::ListKeys | Permission::ReadAuditLog)
     }
 }
 
@@ -98,6 +113,7 @@ pub enum Role {
     KeyAdmin,
     Service,
     Auditor,
+    Custodian,
 }
 
 impl Role {
@@ -106,15 +122,28 @@ impl Role {
             Role::KeyAdmin => "key-admin",
             Role::Service => "service",
             Role::Auditor => "auditor",
+            Role::Custodian => "custodian",
         }
     }
 
     /// What the role may ever do. key-admin never uses keys (separation of duties). A service
-    /// may describe the keys it uses (notes-store's health check does).
+    /// may describe the keys it uses (notes-store's health check does). A custodian keeps one
+    /// key per data subject (notes-store's per-client keys): it creates them (aliases bounded
+    /// by its rule's `keys`), uses them, and erases them on a right-to-erasure request.
     pub fn permissions(self) -> &'static [Permission] {
         use Permission::*;
         match self {
-            Role::KeyAdmin => &[CreateKey, DescribeKey, ListKeys, EnableKey, DisableKey],
+            Role::KeyAdmin => &[
+                CreateKey,
+                DescribeKey,
+                ListKeys,
+                EnableKey,
+                DisableKey,
+                RotateKey,
+                ConfigureKey,
+                ScheduleKeyDeletion,
+                CancelKeyDeletion,
+            ],
             Role::Service => &[
                 GenerateDataKey,
                 GenerateDataKeyWithoutPlaintext,
@@ -124,6 +153,16 @@ impl Role {
                 DescribeKey,
             ],
             Role::Auditor => &[ReadAuditLog, DescribeKey, ListKeys],
+            Role::Custodian => &[
+                CreateKey,
+                DescribeKey,
+                GenerateDataKey,
+                GenerateDataKeyWithoutPlaintext,
+                Encrypt,
+                Decrypt,
+                ReEncrypt,
+                EraseKey,
+            ],
         }
     }
 }
@@ -242,9 +281,9 @@ impl Policy {
                 Some(list) => patterns(&rule, list, &known)?,
                 None => vec![Pattern::parse("**").map_err(invalid)?],
             };
-            if a.role != Role::Service && !a.context.is_empty() {
+            if !matches!(a.role, Role::Service | Role::Custodian) && !a.context.is_empty() {
                 return Err(invalid(
-                    "context conditions apply to the service role only".into(),
+                    "context conditions apply to the service and custodian roles only".into(),
                 ));
             }
             let mut context = BTreeMap::new();

@@ -29,7 +29,7 @@ struct SealedBlob {
 impl KmsService {
     /// Checks that `key` may seal now and returns its primary version and the AAD binding
     /// the blob to `context`.
-    async fn seal_target(
+    pub(super) async fn seal_target(
         &self,
         key: &KeyRecord,
         context: &EncryptionContext,
@@ -84,15 +84,16 @@ impl KmsService {
         Ok(self.sealed_blob(key, version.version, sealed))
     }
 
-    /// Parses, checks, authorizes (`permission` on the key named in the blob) and opens a
-    /// blob. Returns the plaintext and the key it was sealed under.
-    async fn open_blob(
+    /// Parses, checks and authorizes (`permission` on the key named in the blob) a blob
+    /// without opening it: the key and version must be enabled and the version at least the
+    /// key's minimum decryption version.
+    pub(super) async fn check_blob(
         &self,
         blob: &[u8],
         context: &EncryptionContext,
         permission: Permission,
         call: &Call,
-    ) -> Result<(Zeroizing<Vec<u8>>, KeyRecord, u32), KmsError> {
+    ) -> Result<(Envelope, KeyRecord, KeyVersionRecord), KmsError> {
         if blob.is_empty() {
             return Err(KmsError::invalid("ciphertext_blob is required"));
         }
@@ -113,6 +114,12 @@ impl KmsService {
             context,
         )?;
         Self::require_enabled(&key)?;
+        if env.key_version < key.min_decryption_version {
+            return Err(KmsError::FailedPrecondition(format!(
+                "version {} of key {} is below its minimum decryption version {}",
+                env.key_version, key.key_id, key.min_decryption_version
+            )));
+        }
         let version = self.version(&key, env.key_version).await?;
         if version.state != VersionState::Enabled {
             return Err(KmsError::FailedPrecondition(format!(
@@ -122,6 +129,19 @@ impl KmsService {
                 version.state.as_str()
             )));
         }
+        Ok((env, key, version))
+    }
+
+    /// [`Self::check_blob`], then opens the blob. Returns the plaintext and the key it was
+    /// sealed under.
+    async fn open_blob(
+        &self,
+        blob: &[u8],
+        context: &EncryptionContext,
+        permission: Permission,
+        call: &Call,
+    ) -> Result<(Zeroizing<Vec<u8>>, KeyRecord, u32), KmsError> {
+        let (env, key, version) = self.check_blob(blob, context, permission, call).await?;
         let aad = env.aad(context);
         let backend_ref = version.backend_ref;
         let plaintext = self

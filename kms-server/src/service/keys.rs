@@ -35,12 +35,36 @@ impl KmsService {
             Some(req.alias)
         };
         validate::description(&req.description)?;
+        let rotation_period_ms = self.rotation_period(req.rotation_period_seconds)?;
+        let key_id = Uuid::new_v4();
+        // CreateKey is authorized on the key to be: its alias (or new id) must be covered by
+        // one of the caller's rules. Not being covered is a plain refusal here, not NOT_FOUND.
+        let planned = KeyRecord {
+            key_id,
+            alias: alias.clone(),
+            description: String::new(),
+            state: KeyState::Enabled,
+            primary_version: 1,
+            created_at_ms: 0,
+            backend: String::new(),
+            rotation_period_ms: None,
+            next_rotation_ms: None,
+            min_decryption_version: 1,
+            deletion_at_ms: None,
+        };
+        let named = KeyRef::Id(key_id);
         self.authorize(
             &call,
             Permission::CreateKey,
-            None,
+            Some((&planned, &named)),
             &EncryptionContext::default(),
-        )?;
+        )
+        .map_err(|e| match e {
+            KmsError::NotFound(_) => {
+                KmsError::PermissionDenied("missing permission kms:CreateKey".into())
+            }
+            other => other,
+        })?;
         if let Some(a) = &alias {
             if self.store().get_key_by_alias(a).await?.is_some() {
                 return Err(KmsError::AlreadyExists(format!(
@@ -48,7 +72,6 @@ impl KmsService {
                 )));
             }
         }
-        let key_id = Uuid::new_v4();
         call.key(key_id, Some(1));
         let name = version_object_name(key_id, 1);
         let backend_ref = self
@@ -63,6 +86,10 @@ impl KmsService {
             primary_version: 1,
             created_at_ms: now,
             backend: self.inner.backend.kind().to_string(),
+            rotation_period_ms,
+            next_rotation_ms: rotation_period_ms.map(|p| now.saturating_add(p)),
+            min_decryption_version: 1,
+            deletion_at_ms: None,
         };
         let version = KeyVersionRecord {
             key_id,
@@ -152,23 +179,44 @@ impl KmsService {
             Some((&current, &key_ref)),
             &EncryptionContext::default(),
         )?;
-        if current.state == KeyState::PendingDeletion {
-            return Err(KmsError::FailedPrecondition(format!(
-                "key {} is pending deletion; cancel the deletion first",
-                current.key_id
-            )));
+        match current.state {
+            KeyState::PendingDeletion => {
+                return Err(KmsError::FailedPrecondition(format!(
+                    "key {} is pending deletion; cancel the deletion first",
+                    current.key_id
+                )))
+            }
+            KeyState::Destroyed => {
+                return Err(KmsError::FailedPrecondition(format!(
+                    "key {} is destroyed",
+                    current.key_id
+                )))
+            }
+            KeyState::Enabled | KeyState::Disabled => {}
         }
+        // Compare and swap on the state read above: a concurrent ScheduleKeyDeletion wins.
         let updated = self
             .store()
-            .set_key_state(current.key_id, state)
+            .update_key(
+                &KeyRecord {
+                    state,
+                    ..current.clone()
+                },
+                current.state,
+            )
             .await?
-            .ok_or_else(|| KmsError::NotFound(format!("key {} not found", current.key_id)))?;
+            .ok_or_else(|| {
+                KmsError::FailedPrecondition(format!(
+                    "key {} changed while this request ran; retry",
+                    current.key_id
+                ))
+            })?;
         self.inner.cache.invalidate(updated.key_id);
         tracing::info!(key_id = %updated.key_id, state = state.as_str(), "key state changed");
         Ok(metadata(&updated))
     }
 
-    async fn resolve_uncached(&self, key: &KeyRef) -> Result<KeyRecord, KmsError> {
+    pub(super) async fn resolve_uncached(&self, key: &KeyRef) -> Result<KeyRecord, KmsError> {
         let found = match key {
             KeyRef::Id(id) => self.store().get_key(*id).await?,
             KeyRef::Alias(a) => self.store().get_key_by_alias(a).await?,

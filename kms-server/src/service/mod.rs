@@ -5,10 +5,12 @@
 //! it a request id and a tracing span, records metrics, and converts `KmsError` to a status.
 //! The handlers live in `keys.rs` (key administration) and `datakeys.rs` (cryptography).
 
+mod batch;
 mod cache;
 mod call;
 mod datakeys;
 mod keys;
+mod lifecycle;
 pub mod validate;
 
 use std::future::Future;
@@ -23,12 +25,15 @@ use uuid::Uuid;
 
 use crate::audit::AuditLog;
 use crate::backend::KeyBackend;
+use crate::config::LifecycleSection;
 use crate::context::EncryptionContext;
 use crate::error::KmsError;
 use crate::policy::{Decision, KeyName, Permission, PolicyStore, Question};
 use crate::store::{KeyRecord, KeyState, KeyStore, KeyVersionRecord};
+pub use batch::MAX_BATCH_ITEMS;
 use cache::KeyCache;
 pub use call::Call;
+pub use lifecycle::MAX_DELETION_WAITING;
 use validate::KeyRef;
 
 /// The key service. Cheap to clone.
@@ -43,6 +48,7 @@ struct Inner {
     cache: KeyCache,
     audit: AuditLog,
     policy: PolicyStore,
+    lifecycle: LifecycleSection,
 }
 
 impl KmsService {
@@ -52,6 +58,7 @@ impl KmsService {
         audit: AuditLog,
         policy: PolicyStore,
         key_cache_ttl: Duration,
+        lifecycle: LifecycleSection,
     ) -> Self {
         KmsService {
             inner: Arc::new(Inner {
@@ -59,12 +66,13 @@ impl KmsService {
                 backend,
                 audit,
                 policy,
+                lifecycle,
                 cache: KeyCache::new(key_cache_ttl),
             }),
         }
     }
 
-    fn store(&self) -> &dyn KeyStore {
+    pub(crate) fn store(&self) -> &dyn KeyStore {
         self.inner.store.as_ref()
     }
 
@@ -201,10 +209,17 @@ pub(crate) fn metadata(key: &KeyRecord) -> pb::KeyMetadata {
             KeyState::Enabled => pb::KeyState::Enabled,
             KeyState::Disabled => pb::KeyState::Disabled,
             KeyState::PendingDeletion => pb::KeyState::PendingDeletion,
+            KeyState::Destroyed => pb::KeyState::Destroyed,
         } as i32,
         primary_version: key.primary_version,
         created_at_unix_ms: key.created_at_ms,
         backend: key.backend.clone(),
+        rotation_period_seconds: key
+            .rotation_period_ms
+            .map_or(0, |ms| u64::try_from(ms / 1000).unwrap_or(0)),
+        next_rotation_at_unix_ms: key.next_rotation_ms.unwrap_or(0),
+        min_decryption_version: key.min_decryption_version,
+        deletion_at_unix_ms: key.deletion_at_ms.unwrap_or(0),
     }
 }
 
@@ -423,6 +438,108 @@ impl KeyManagementService for KmsService {
                 identity: identity.name,
                 key_fingerprint: identity.key_fingerprint,
             })
+        })
+        .await
+    }
+    async fn batch_re_encrypt(
+        &self,
+        r: Request<pb::BatchReEncryptRequest>,
+    ) -> Result<Response<pb::BatchReEncryptResponse>, Status> {
+        self.observe("BatchReEncrypt", r, |r, call| {
+            self.handle_batch_re_encrypt(r.into_inner(), call)
+        })
+        .await
+    }
+    async fn rotate_key(
+        &self,
+        r: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        self.observe("RotateKey", r, |r, call| {
+            self.handle_rotate_key(r.into_inner(), call)
+        })
+        .await
+    }
+    async fn list_key_versions(
+        &self,
+        r: Request<pb::ListKeyVersionsRequest>,
+    ) -> Result<Response<pb::ListKeyVersionsResponse>, Status> {
+        self.observe("ListKeyVersions", r, |r, call| {
+            self.handle_list_key_versions(r.into_inner(), call)
+        })
+        .await
+    }
+    async fn enable_key_version(
+        &self,
+        r: Request<pb::EnableKeyVersionRequest>,
+    ) -> Result<Response<pb::EnableKeyVersionResponse>, Status> {
+        self.observe("EnableKeyVersion", r, |r, call| async move {
+            let r = r.into_inner();
+            let version = self
+                .handle_set_version_state(&r.key, r.version, true, call)
+                .await?;
+            Ok(pb::EnableKeyVersionResponse {
+                version: Some(version),
+            })
+        })
+        .await
+    }
+    async fn disable_key_version(
+        &self,
+        r: Request<pb::DisableKeyVersionRequest>,
+    ) -> Result<Response<pb::DisableKeyVersionResponse>, Status> {
+        self.observe("DisableKeyVersion", r, |r, call| async move {
+            let r = r.into_inner();
+            let version = self
+                .handle_set_version_state(&r.key, r.version, false, call)
+                .await?;
+            Ok(pb::DisableKeyVersionResponse {
+                version: Some(version),
+            })
+        })
+        .await
+    }
+    async fn set_key_rotation_period(
+        &self,
+        r: Request<pb::SetKeyRotationPeriodRequest>,
+    ) -> Result<Response<pb::SetKeyRotationPeriodResponse>, Status> {
+        self.observe("SetKeyRotationPeriod", r, |r, call| {
+            self.handle_set_rotation_period(r.into_inner(), call)
+        })
+        .await
+    }
+    async fn set_min_decryption_version(
+        &self,
+        r: Request<pb::SetMinDecryptionVersionRequest>,
+    ) -> Result<Response<pb::SetMinDecryptionVersionResponse>, Status> {
+        self.observe("SetMinDecryptionVersion", r, |r, call| {
+            self.handle_set_min_decryption_version(r.into_inner(), call)
+        })
+        .await
+    }
+    async fn schedule_key_deletion(
+        &self,
+        r: Request<pb::ScheduleKeyDeletionRequest>,
+    ) -> Result<Response<pb::ScheduleKeyDeletionResponse>, Status> {
+        self.observe("ScheduleKeyDeletion", r, |r, call| {
+            self.handle_schedule_deletion(r.into_inner(), call)
+        })
+        .await
+    }
+    async fn cancel_key_deletion(
+        &self,
+        r: Request<pb::CancelKeyDeletionRequest>,
+    ) -> Result<Response<pb::CancelKeyDeletionResponse>, Status> {
+        self.observe("CancelKeyDeletion", r, |r, call| {
+            self.handle_cancel_deletion(r.into_inner(), call)
+        })
+        .await
+    }
+    async fn erase_key(
+        &self,
+        r: Request<pb::EraseKeyRequest>,
+    ) -> Result<Response<pb::EraseKeyResponse>, Status> {
+        self.observe("EraseKey", r, |r, call| {
+            self.handle_erase_key(r.into_inner(), call)
         })
         .await
     }

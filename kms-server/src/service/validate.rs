@@ -41,7 +41,8 @@ pub fn key_ref(field: &str, value: &str) -> Result<KeyRef, KmsError> {
     Ok(KeyRef::Alias(value.to_string()))
 }
 
-/// Checks an alias: 1-256 of [A-Za-z0-9/_-], not a UUID.
+/// Checks an alias: 1-256 of [A-Za-z0-9./_-], not a UUID. '.' lets per-client aliases carry
+/// client ids such as `c.1042` (notes-store's `notes/<site>/clients/<client>`).
 pub fn alias(field: &str, value: &str) -> Result<(), KmsError> {
     if value.is_empty() || value.len() > MAX_ALIAS_LEN {
         return Err(KmsError::invalid(format!(
@@ -50,10 +51,10 @@ pub fn alias(field: &str, value: &str) -> Result<(), KmsError> {
     }
     if !value
         .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-'))
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '/' | '_' | '-'))
     {
         return Err(KmsError::invalid(format!(
-            "{field} may contain only A-Z, a-z, 0-9, '/', '_' and '-'"
+            "{field} may contain only A-Z, a-z, 0-9, '.', '/', '_' and '-'"
         )));
     }
     if Uuid::parse_str(value).is_ok() {

@@ -40,6 +40,8 @@ pub enum KeyState {
     Enabled,
     Disabled,
     PendingDeletion,
+    /// Every version destroyed in the backend; the row stays as a tombstone.
+    Destroyed,
 }
 
 impl KeyState {
@@ -48,6 +50,7 @@ impl KeyState {
             KeyState::Enabled => "ENABLED",
             KeyState::Disabled => "DISABLED",
             KeyState::PendingDeletion => "PENDING_DELETION",
+            KeyState::Destroyed => "DESTROYED",
         }
     }
 
@@ -56,6 +59,7 @@ impl KeyState {
             "ENABLED" => Ok(KeyState::Enabled),
             "DISABLED" => Ok(KeyState::Disabled),
             "PENDING_DELETION" => Ok(KeyState::PendingDeletion),
+            "DESTROYED" => Ok(KeyState::Destroyed),
             other => Err(StoreError::Internal(format!(
                 "unknown key state {other:?} in database"
             ))),
@@ -103,6 +107,14 @@ pub struct KeyRecord {
     pub created_at_ms: i64,
     /// Backend kind that holds the key's versions: "pkcs11" or "tpm".
     pub backend: String,
+    /// Automatic rotation period; `None` = no automatic rotation.
+    pub rotation_period_ms: Option<i64>,
+    /// When the next automatic rotation is due.
+    pub next_rotation_ms: Option<i64>,
+    /// Blobs under versions below this one are refused.
+    pub min_decryption_version: u32,
+    /// PENDING_DELETION: when the versions get destroyed; DESTROYED: when they were.
+    pub deletion_at_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,12 +150,6 @@ pub trait KeyStore: Send + Sync {
         after: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<KeyRecord>, StoreError>;
-    /// Sets the key's state; returns the updated record, or `None` if there is no such key.
-    async fn set_key_state(
-        &self,
-        key_id: Uuid,
-        state: KeyState,
-    ) -> Result<Option<KeyRecord>, StoreError>;
     async fn get_version(
         &self,
         key_id: Uuid,
@@ -152,12 +158,40 @@ pub trait KeyStore: Send + Sync {
     /// All versions of a key, ascending.
     async fn list_versions(&self, key_id: Uuid) -> Result<Vec<KeyVersionRecord>, StoreError>;
     /// Adds a version (its number must be the next one) and, if `make_primary`, makes it the
-    /// key's primary version, in one transaction.
+    /// key's primary version, in one transaction. Making it primary also moves the key's next
+    /// automatic rotation to the version's creation time plus the rotation period.
     async fn add_version(
         &self,
         version: &KeyVersionRecord,
         make_primary: bool,
     ) -> Result<(), StoreError>;
+    /// Writes the key's lifecycle fields (state, rotation period and next rotation, minimum
+    /// decryption version, deletion time) if its state is still `expected_state` (compare and
+    /// swap between KMS nodes). `None`: no such key, or its state has changed meanwhile.
+    async fn update_key(
+        &self,
+        key: &KeyRecord,
+        expected_state: KeyState,
+    ) -> Result<Option<KeyRecord>, StoreError>;
+    /// Sets one version's state; `None` if there is no such version.
+    async fn set_version_state(
+        &self,
+        key_id: Uuid,
+        version: u32,
+        state: VersionState,
+    ) -> Result<Option<KeyVersionRecord>, StoreError>;
+    /// ENABLED keys whose automatic rotation is due at `now_ms`, oldest due first.
+    async fn keys_due_for_rotation(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
+    /// PENDING_DELETION keys whose waiting period has ended at `now_ms`.
+    async fn keys_due_for_deletion(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError>;
 }
 
 /// Opens the store named by `url`: `sqlite:<path>` (created with mode 0600 if missing) or

@@ -39,7 +39,8 @@ const MAX_CONNECTIONS: u32 = 4;
 /// The columns of `keys`, in the order `key_from_row` reads them.
 macro_rules! key_columns {
     () => {
-        "key_id, alias, description, state, primary_version, created_at_ms, backend"
+        "key_id, alias, description, state, primary_version, created_at_ms, backend, \
+         rotation_period_ms, next_rotation_ms, min_decryption_version, deletion_at_ms"
     };
 }
 
@@ -195,24 +196,6 @@ impl KeyStore for SqliteStore {
         rows.iter().map(key_from_row).collect()
     }
 
-    async fn set_key_state(
-        &self,
-        key_id: Uuid,
-        state: KeyState,
-    ) -> Result<Option<KeyRecord>, StoreError> {
-        sqlx::query(concat!(
-            "UPDATE keys SET state = ?2 WHERE key_id = ?1 RETURNING ",
-            key_columns!()
-        ))
-        .bind(key_id_text(key_id))
-        .bind(state.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map_err)?
-        .map(|row| key_from_row(&row))
-        .transpose()
-    }
-
     async fn get_version(
         &self,
         key_id: Uuid,
@@ -258,6 +241,89 @@ impl KeyStore for SqliteStore {
         }
         result
     }
+
+    async fn update_key(
+        &self,
+        key: &KeyRecord,
+        expected_state: KeyState,
+    ) -> Result<Option<KeyRecord>, StoreError> {
+        sqlx::query(concat!(
+            "UPDATE keys SET state = ?2, rotation_period_ms = ?3, next_rotation_ms = ?4, \
+             min_decryption_version = ?5, deletion_at_ms = ?6 \
+             WHERE key_id = ?1 AND state = ?7 RETURNING ",
+            key_columns!()
+        ))
+        .bind(key_id_text(key.key_id))
+        .bind(key.state.as_str())
+        .bind(key.rotation_period_ms)
+        .bind(key.next_rotation_ms)
+        .bind(i64::from(key.min_decryption_version))
+        .bind(key.deletion_at_ms)
+        .bind(expected_state.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?
+        .map(|row| key_from_row(&row))
+        .transpose()
+    }
+
+    async fn set_version_state(
+        &self,
+        key_id: Uuid,
+        version: u32,
+        state: VersionState,
+    ) -> Result<Option<KeyVersionRecord>, StoreError> {
+        sqlx::query(concat!(
+            "UPDATE key_versions SET state = ?3 WHERE key_id = ?1 AND version = ?2 RETURNING ",
+            version_columns!()
+        ))
+        .bind(key_id_text(key_id))
+        .bind(i64::from(version))
+        .bind(state.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(map_err)?
+        .map(|row| version_from_row(&row))
+        .transpose()
+    }
+
+    async fn keys_due_for_rotation(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM keys WHERE next_rotation_ms IS NOT NULL AND next_rotation_ms <= ?1 \
+             AND state = 'ENABLED' ORDER BY next_rotation_ms LIMIT ?2"
+        ))
+        .bind(now_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn keys_due_for_deletion(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<KeyRecord>, StoreError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM keys WHERE state = 'PENDING_DELETION' AND deletion_at_ms <= ?1 \
+             ORDER BY deletion_at_ms LIMIT ?2"
+        ))
+        .bind(now_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
 }
 
 async fn insert_version(
@@ -290,6 +356,7 @@ fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
     let key_id: String = row.try_get("key_id").map_err(map_err)?;
     let state: String = row.try_get("state").map_err(map_err)?;
     let primary_version: i64 = row.try_get("primary_version").map_err(map_err)?;
+    let min_decryption_version: i64 = row.try_get("min_decryption_version").map_err(map_err)?;
     Ok(KeyRecord {
         key_id: parse_key_id(&key_id)?,
         alias: row.try_get("alias").map_err(map_err)?,
@@ -298,6 +365,10 @@ fn key_from_row(row: &SqliteRow) -> Result<KeyRecord, StoreError> {
         primary_version: version_from_db(primary_version)?,
         created_at_ms: row.try_get("created_at_ms").map_err(map_err)?,
         backend: row.try_get("backend").map_err(map_err)?,
+        rotation_period_ms: row.try_get("rotation_period_ms").map_err(map_err)?,
+        next_rotation_ms: row.try_get("next_rotation_ms").map_err(map_err)?,
+        min_decryption_version: version_from_db(min_decryption_version)?,
+        deletion_at_ms: row.try_get("deletion_at_ms").map_err(map_err)?,
     })
 }
 
@@ -369,7 +440,7 @@ async fn insert_key_tx(
     sqlx::query(concat!(
         "INSERT INTO keys (",
         key_columns!(),
-        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
     ))
     .bind(key_id_text(key.key_id))
     .bind(key.alias.as_deref())
@@ -378,6 +449,10 @@ async fn insert_key_tx(
     .bind(i64::from(key.primary_version))
     .bind(key.created_at_ms)
     .bind(key.backend.as_str())
+    .bind(key.rotation_period_ms)
+    .bind(key.next_rotation_ms)
+    .bind(i64::from(key.min_decryption_version))
+    .bind(key.deletion_at_ms)
     .execute(&mut *tx)
     .await
     .map_err(map_err)?;
@@ -403,12 +478,22 @@ async fn add_version_tx(
     check_next_version(latest, version.version)?;
     insert_version(&mut tx, version).await?;
     if make_primary {
-        sqlx::query("UPDATE keys SET primary_version = ?2 WHERE key_id = ?1")
-            .bind(&key_id)
-            .bind(i64::from(version.version))
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        let updated = sqlx::query(
+            "UPDATE keys SET primary_version = ?2, next_rotation_ms = \
+             CASE WHEN rotation_period_ms IS NULL THEN NULL ELSE ?3 + rotation_period_ms END \
+             WHERE key_id = ?1 AND state IN ('ENABLED', 'DISABLED')",
+        )
+        .bind(&key_id)
+        .bind(i64::from(version.version))
+        .bind(version.created_at_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if updated.rows_affected() != 1 {
+            return Err(StoreError::Conflict(
+                "the key is pending deletion or destroyed: no new primary version".to_string(),
+            ));
+        }
     }
     tx.commit().await.map_err(map_err)
 }

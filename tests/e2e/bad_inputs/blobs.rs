@@ -180,14 +180,16 @@ async fn oversized_grpc_messages_are_refused() {
         .key_id;
     let mib = vec![0x42u8; 1 << 20];
 
-    // The server decodes at most 64 KiB per message. tonic refuses a larger one while
-    // decoding with OUT_OF_RANGE ("decoded message length too large"), not RESOURCE_EXHAUSTED.
+    // The server decodes at most 1 MiB per message (room for a BatchReEncrypt of 1,000
+    // blobs). tonic refuses a larger one while decoding with OUT_OF_RANGE ("decoded message
+    // length too large"), not RESOURCE_EXHAUSTED.
     let huge_desc = pb::CreateKeyRequest {
         alias: String::new(),
         description: "d".repeat(1 << 20),
+        ..Default::default()
     };
     let big_ctx: HashMap<String, String> = (0..64)
-        .map(|i| (format!("k{i}"), "v".repeat(2048)))
+        .map(|i| (format!("k{i}"), "v".repeat(20 * 1024)))
         .collect();
     expect(
         "Encrypt, 1 MiB plaintext",
@@ -214,14 +216,15 @@ async fn oversized_grpc_messages_are_refused() {
     )
     .await;
     expect(
-        "GenerateDataKey, 128 KiB context",
+        "GenerateDataKey, 1.25 MiB context",
         Code::OutOfRange,
         raw.generate_data_key(gdk(&key, big_ctx)),
     )
     .await;
+    // Under the transport limit but over Encrypt's 4 KiB: refused by validation.
     expect(
         "Encrypt, 65 KiB plaintext",
-        Code::OutOfRange,
+        Code::InvalidArgument,
         raw.encrypt(enc(&key, &[1u8; 65 * 1024], c())),
     )
     .await;

@@ -99,6 +99,9 @@ pub enum KeyCommand {
         /// Free text.
         #[arg(long)]
         description: Option<String>,
+        /// Automatic rotation period in days (0 = none).
+        #[arg(long, default_value_t = 0)]
+        rotation_days: u64,
     },
     /// Show a key.
     Describe(KeyRef),
@@ -112,6 +115,49 @@ pub enum KeyCommand {
     Enable(KeyRef),
     /// Disable a key.
     Disable(KeyRef),
+    /// Create a new version in the HSM/TPM and make it primary (older versions still decrypt).
+    Rotate(KeyRef),
+    /// List a key's versions.
+    Versions(KeyRef),
+    /// Enable one version.
+    EnableVersion(KeyVersionArgs),
+    /// Disable one version (not the primary): its blobs are refused until enabled again.
+    DisableVersion(KeyVersionArgs),
+    /// Set the automatic rotation period (0 = none). Seconds, or days with --days.
+    SetRotation {
+        #[arg(value_name = "KEY")]
+        key_ref: String,
+        #[arg(value_name = "PERIOD")]
+        period: u64,
+        /// PERIOD is in days.
+        #[arg(long)]
+        days: bool,
+    },
+    /// Refuse blobs under versions below VERSION (check `notes-store key-usage` first).
+    SetMinVersion(KeyVersionArgs),
+    /// Schedule destruction after a waiting period (default 30 days); the key is unusable.
+    ScheduleDeletion {
+        #[arg(value_name = "KEY")]
+        key_ref: String,
+        /// Waiting period in days (7-30; 0 = 30).
+        #[arg(long, default_value_t = 0, conflicts_with = "seconds")]
+        days: u64,
+        /// Waiting period in seconds (for servers configured with a short minimum).
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+    /// Cancel a scheduled deletion; the key comes back DISABLED.
+    CancelDeletion(KeyRef),
+}
+
+/// A key and one of its versions.
+#[derive(Debug, Args)]
+pub struct KeyVersionArgs {
+    /// Key UUID or alias.
+    #[arg(value_name = "KEY")]
+    pub key_ref: String,
+    #[arg(value_name = "VERSION")]
+    pub version: u32,
 }
 
 /// A key named by UUID or alias.

@@ -14,7 +14,7 @@ use crate::{
         to_context, Cli, Command, DatakeyCommand, DecryptArgs, EncryptArgs, KeyCommand, PkiCommand,
         ReEncryptArgs,
     },
-    output::{b64, from_b64, key_fields, Report},
+    output::{b64, from_b64, key_fields, timestamp, Report},
 };
 
 /// Runs the command named on the command line.
@@ -130,10 +130,76 @@ fn connect(cli: &Cli) -> anyhow::Result<KmsClient> {
 
 async fn key(kms: &KmsClient, command: &KeyCommand) -> anyhow::Result<Report> {
     let key = match command {
-        KeyCommand::Create { alias, description } => {
-            kms.create_key(alias.as_deref(), description.as_deref())
+        KeyCommand::Create {
+            alias,
+            description,
+            rotation_days,
+        } => {
+            kms.create_key_with_rotation(
+                alias.as_deref(),
+                description.as_deref(),
+                rotation_days.saturating_mul(86_400),
+            )
+            .await?
+        }
+        KeyCommand::Rotate(k) => {
+            let (key, version) = kms.rotate_key(&k.key_ref).await?;
+            let mut fields = key_fields(&key);
+            fields.push(("new_version", json!(version.version)));
+            return Ok(Report::Fields(fields));
+        }
+        KeyCommand::Versions(k) => {
+            let versions = kms.list_key_versions(&k.key_ref).await?;
+            let rows: Vec<_> = versions
+                .iter()
+                .map(|v| {
+                    json!({
+                        "version": v.version,
+                        "state": v.state.as_str(),
+                        "primary": v.primary,
+                        "created_at": timestamp(v.created_at_unix_ms),
+                    })
+                })
+                .collect();
+            return Ok(Report::Fields(vec![("versions", json!(rows))]));
+        }
+        KeyCommand::EnableVersion(v) | KeyCommand::DisableVersion(v) => {
+            let enable = matches!(command, KeyCommand::EnableVersion(_));
+            let version = kms
+                .set_key_version_enabled(&v.key_ref, v.version, enable)
+                .await?;
+            return Ok(Report::Fields(vec![
+                ("key_id", json!(version.key_id)),
+                ("version", json!(version.version)),
+                ("state", json!(version.state.as_str())),
+                ("primary", json!(version.primary)),
+            ]));
+        }
+        KeyCommand::SetRotation {
+            key_ref,
+            period,
+            days,
+        } => {
+            let secs = if *days {
+                period.saturating_mul(86_400)
+            } else {
+                *period
+            };
+            kms.set_key_rotation_period(key_ref, secs).await?
+        }
+        KeyCommand::SetMinVersion(v) => {
+            kms.set_min_decryption_version(&v.key_ref, v.version)
                 .await?
         }
+        KeyCommand::ScheduleDeletion {
+            key_ref,
+            days,
+            seconds,
+        } => {
+            let secs = seconds.unwrap_or(days.saturating_mul(86_400));
+            kms.schedule_key_deletion(key_ref, secs).await?
+        }
+        KeyCommand::CancelDeletion(k) => kms.cancel_key_deletion(&k.key_ref).await?,
         KeyCommand::Describe(k) => kms.describe_key(&k.key_ref).await?,
         KeyCommand::Enable(k) => kms.enable_key(&k.key_ref).await?,
         KeyCommand::Disable(k) => kms.disable_key(&k.key_ref).await?,

@@ -74,6 +74,20 @@ pub fn key_fields(key: &KeyMetadata) -> Vec<(&'static str, Value)> {
         ("created_at", json!(timestamp(key.created_at_unix_ms))),
         ("created_at_unix_ms", json!(key.created_at_unix_ms)),
         ("backend", json!(key.backend)),
+        (
+            "rotation_period_seconds",
+            json!(key.rotation_period_seconds),
+        ),
+        (
+            "next_rotation_at",
+            json!((key.next_rotation_at_unix_ms != 0)
+                .then(|| timestamp(key.next_rotation_at_unix_ms))),
+        ),
+        ("min_decryption_version", json!(key.min_decryption_version)),
+        (
+            "deletion_at",
+            json!((key.deletion_at_unix_ms != 0).then(|| timestamp(key.deletion_at_unix_ms))),
+        ),
     ]
 }
 
@@ -189,6 +203,10 @@ mod tests {
             primary_version: 1,
             created_at_unix_ms: 1_700_000_000_123,
             backend: "pkcs11".into(),
+            rotation_period_seconds: 0,
+            next_rotation_at_unix_ms: 0,
+            min_decryption_version: 1,
+            deletion_at_unix_ms: 0,
         }
     }
 
