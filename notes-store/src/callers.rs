@@ -15,6 +15,17 @@ struct Entry {
     identity: Pattern,
     /// Site ids; `*` = every site; `{name}` = the segment the identity pattern captured.
     sites: Vec<String>,
+    may_erase: bool,
+    may_hold: bool,
+}
+
+/// A privileged operation on a client, beyond acting for its site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Privilege {
+    /// `EraseClient` (`may_erase`).
+    Erase,
+    /// `PlaceLegalHold` / `LiftLegalHold` (`may_hold`).
+    Hold,
 }
 
 /// The caller → sites table.
@@ -45,6 +56,8 @@ impl Callers {
             entries.push(Entry {
                 identity,
                 sites: c.sites.clone(),
+                may_erase: c.may_erase,
+                may_hold: c.may_hold,
             });
         }
         Ok(Callers { entries })
@@ -52,7 +65,19 @@ impl Callers {
 
     /// Whether `identity` may act for `site`.
     pub fn allows(&self, identity: &str, site: &str) -> bool {
-        self.entries.iter().any(|e| {
+        self.allows_if(identity, site, |_| true)
+    }
+
+    /// Whether one entry that names `identity` and `site` also grants `privilege`.
+    pub fn allows_privileged(&self, identity: &str, site: &str, privilege: Privilege) -> bool {
+        self.allows_if(identity, site, |e| match privilege {
+            Privilege::Erase => e.may_erase,
+            Privilege::Hold => e.may_hold,
+        })
+    }
+
+    fn allows_if(&self, identity: &str, site: &str, grants: impl Fn(&Entry) -> bool) -> bool {
+        self.entries.iter().filter(|e| grants(e)).any(|e| {
             let Some(caps) = e.identity.matches(identity, &Captures::new()) else {
                 return false;
             };
@@ -76,6 +101,28 @@ impl Callers {
             None => Err(NotesError::PermissionDenied("no client identity".into())),
         }
     }
+
+    /// PERMISSION_DENIED unless the caller may act for `site` with `privilege`.
+    pub fn authorize_privileged(
+        &self,
+        caller: Option<&Identity>,
+        site: &str,
+        privilege: Privilege,
+    ) -> Result<(), NotesError> {
+        self.authorize(caller, site)?;
+        match caller {
+            Some(c) if self.allows_privileged(&c.name, site, privilege) => Ok(()),
+            Some(c) => Err(NotesError::PermissionDenied(format!(
+                "caller {} may not {} clients of site {site}",
+                c.name,
+                match privilege {
+                    Privilege::Erase => "erase",
+                    Privilege::Hold => "place or lift legal holds on",
+                }
+            ))),
+            None => Err(NotesError::PermissionDenied("no client identity".into())),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -87,14 +134,24 @@ mod tests {
             CallerSection {
                 identity: "spiffe://dev.clinic/client/app".into(),
                 sites: vec!["a".into()],
+                ..Default::default()
             },
             CallerSection {
                 identity: "spiffe://dev.clinic/site/{site}/app".into(),
                 sites: vec!["{site}".into()],
+                ..Default::default()
             },
             CallerSection {
                 identity: "spiffe://dev.clinic/client/ops".into(),
                 sites: vec!["*".into()],
+                may_hold: true,
+                ..Default::default()
+            },
+            CallerSection {
+                identity: "spiffe://dev.clinic/client/dpo".into(),
+                sites: vec!["a".into()],
+                may_erase: true,
+                ..Default::default()
             },
         ])
         .unwrap()
@@ -113,11 +170,25 @@ mod tests {
     }
 
     #[test]
+    fn privileges_are_per_entry_and_default_off() {
+        let c = callers();
+        let (erase, hold) = (Privilege::Erase, Privilege::Hold);
+        assert!(!c.allows_privileged("spiffe://dev.clinic/client/app", "a", erase));
+        assert!(!c.allows_privileged("spiffe://dev.clinic/client/app", "a", hold));
+        assert!(c.allows_privileged("spiffe://dev.clinic/client/ops", "z", hold));
+        assert!(!c.allows_privileged("spiffe://dev.clinic/client/ops", "z", erase));
+        assert!(c.allows_privileged("spiffe://dev.clinic/client/dpo", "a", erase));
+        assert!(!c.allows_privileged("spiffe://dev.clinic/client/dpo", "b", erase));
+        assert!(!c.allows_privileged("spiffe://dev.clinic/client/dpo", "a", hold));
+    }
+
+    #[test]
     fn bad_entries_are_refused() {
         let bad = |identity: &str, sites: &[&str]| {
             Callers::new(&[CallerSection {
                 identity: identity.into(),
                 sites: sites.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
             }])
             .is_err()
         };

@@ -30,13 +30,19 @@ pub struct Config {
 }
 
 /// One `[[callers]]` entry (see `crate::callers`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CallerSection {
     /// Identity pattern: literal segments, `*`, `**` (rest) and `{name}` (captured).
     pub identity: String,
     /// Site ids the caller may act for; `"*"` = all; `"{name}"` = captured from the identity.
     pub sites: Vec<String>,
+    /// May erase clients of those sites (`EraseClient`, irreversible). Default false.
+    #[serde(default)]
+    pub may_erase: bool,
+    /// May place and lift legal holds on clients of those sites. Default false.
+    #[serde(default)]
+    pub may_hold: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,8 +92,17 @@ pub struct KmsSection {
     pub client_key: PathBuf,
     /// TLS name of the KMS servers when it is not the endpoints' host.
     pub server_name: Option<String>,
-    /// The master key for note data keys: alias or key id.
+    /// The site's key prefix (an alias): each client gets its own KMS key, named by
+    /// `client_key_alias`, under which its notes' data keys are wrapped.
     pub kms_key: String,
+    /// Alias of a client's KMS key: `{kms_key}`, `{site}` and `{client}` are replaced.
+    /// Default `"{kms_key}/{site}/clients/{client}"`: the same client id at two sites gets two
+    /// keys, and a per-site KMS policy (`notes/{site}/*`) covers them.
+    #[serde(default = "default_client_key_alias")]
+    pub client_key_alias: String,
+    /// Automatic rotation period of new client keys, in seconds (0 = none).
+    #[serde(default)]
+    pub client_key_rotation_period_secs: u64,
     #[serde(default = "default_request_timeout")]
     pub request_timeout_ms: u64,
     #[serde(default = "default_connect_timeout")]
@@ -116,6 +131,9 @@ impl Default for LogSection {
     }
 }
 
+fn default_client_key_alias() -> String {
+    "{kms_key}/{site}/clients/{client}".into()
+}
 fn default_max_body() -> usize {
     64 * 1024
 }
@@ -227,6 +245,9 @@ impl Config {
         if self.kms.kms_key.is_empty() {
             bail!("kms.kms_key must name the KMS key (alias or id)");
         }
+        if !self.kms.client_key_alias.contains("{client}") {
+            bail!("kms.client_key_alias must contain {{client}}");
+        }
         if self.kms.request_timeout_ms == 0 || self.kms.connect_timeout_ms == 0 {
             bail!("kms timeouts must be greater than zero");
         }
@@ -240,6 +261,15 @@ impl Config {
     /// other fields. Anything larger is refused by tonic with OUT_OF_RANGE.
     pub fn max_message_bytes(&self) -> usize {
         self.server.max_body_bytes + MAX_REASON_BYTES + 16 * 1024
+    }
+
+    /// The alias of the KMS key of `client` at `site`.
+    pub fn client_key_alias(&self, site: &str, client: &str) -> String {
+        self.kms
+            .client_key_alias
+            .replace("{kms_key}", &self.kms.kms_key)
+            .replace("{site}", site)
+            .replace("{client}", client)
     }
 
     pub fn kms_request_timeout(&self) -> Duration {
@@ -264,6 +294,17 @@ mod tests {
         assert!(cfg.server.listen.ip().is_loopback());
         assert_eq!(cfg.server.max_body_bytes, 64 * 1024);
         assert_eq!(cfg.kms.kms_key, "notes");
+        assert_eq!(cfg.client_key_alias("a", "c-1"), "notes/a/clients/c-1");
+        assert!(cfg.callers.iter().all(|c| !c.may_erase && !c.may_hold));
+    }
+
+    #[test]
+    fn client_key_alias_template() {
+        let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        cfg.kms.client_key_alias = "{kms_key}/{site}/c/{client}".into();
+        assert_eq!(cfg.client_key_alias("a", "c.1"), "notes/a/c/c.1");
+        cfg.kms.client_key_alias = "{kms_key}/{site}".into();
+        assert!(cfg.validate().is_err());
     }
 
     #[test]

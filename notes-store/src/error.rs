@@ -5,6 +5,7 @@
 //! | bad input                               | INVALID_ARGUMENT    |
 //! | unknown note or revision                | NOT_FOUND           |
 //! | stale expected revision                 | FAILED_PRECONDITION |
+//! | client under legal hold (erasure), client erased or being erased (writes) | FAILED_PRECONDITION |
 //! | concurrent amendment won the race       | ABORTED             |
 //! | KMS key disabled / missing              | FAILED_PRECONDITION |
 //! | KMS or database unreachable, timed out  | UNAVAILABLE         |
@@ -51,6 +52,9 @@ pub enum NotesError {
 pub enum KmsCall {
     GenerateDataKey,
     Decrypt,
+    /// Creating (or describing) a client's key.
+    ClientKey,
+    EraseKey,
 }
 
 impl NotesError {
@@ -132,6 +136,9 @@ impl From<StoreError> for NotesError {
                 "the note was amended meanwhile: it is now at revision {current}"
             )),
             StoreError::Conflict(m) => NotesError::Aborted(m),
+            err @ (StoreError::LegalHold(_) | StoreError::ClientNotActive(_)) => {
+                NotesError::FailedPrecondition(err.to_string())
+            }
             StoreError::Internal(m) => NotesError::Internal(format!("store: {m}")),
         }
     }

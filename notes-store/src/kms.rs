@@ -1,11 +1,18 @@
 //! notes-store's use of the KMS, through kms-client with notes-store's own client certificate:
-//! a fresh data key per revision (`GenerateDataKey`) and an unwrap per read (`Decrypt`, with
-//! the reader's audit metadata). No data-key cache: every read asks the KMS.
+//! a fresh data key per revision (`GenerateDataKey`, under the client's own key) and an unwrap
+//! per read (`Decrypt`, with the reader's audit metadata). No data-key cache: every read asks
+//! the KMS. Client keys are created here (`CreateKey`, custodian role) and destroyed on
+//! erasure (`EraseKey`); `crate::client_keys` decides when.
 //!
 //! The client connects lazily and reconnects by itself, so a KMS that was down serves again as
 //! soon as it is back, without restarting notes-store.
 
-use kms_client::{AuditMetadata, KmsClient, KmsClientConfig, Zeroizing};
+use std::collections::BTreeMap;
+
+use kms_client::{
+    AuditMetadata, Code, ErasureReceipt, KeyMetadata, KeyState, KmsClient, KmsClientConfig,
+    Zeroizing,
+};
 
 use crate::config::Config;
 use crate::crypto::{RevisionIds, DATA_KEY_LEN};
@@ -42,11 +49,12 @@ impl Kms {
         })
     }
 
-    /// A fresh data key for one revision, bound by the KMS to the revision's ids.
-    pub async fn data_key(&self, ids: &RevisionIds<'_>) -> Result<DataKey, NotesError> {
+    /// A fresh data key for one revision under `key` (the client's key id), bound by the KMS
+    /// to the revision's ids.
+    pub async fn data_key(&self, key: &str, ids: &RevisionIds<'_>) -> Result<DataKey, NotesError> {
         let dk = self
             .client
-            .generate_data_key(&self.key, &ids.kms_context())
+            .generate_data_key(key, &ids.kms_context())
             .await
             .map_err(|e| NotesError::from_kms(KmsCall::GenerateDataKey, e))?;
         if dk.plaintext.len() != DATA_KEY_LEN {
@@ -90,6 +98,72 @@ impl Kms {
             )));
         }
         Ok(out.plaintext)
+    }
+
+    /// Creates the key `alias` or, if it exists already (a concurrent creator, or a crash
+    /// between creation and recording), describes it; `description` names the owner and must
+    /// match. A key that can no longer be used (erased, pending deletion) is refused: its
+    /// client was erased.
+    pub async fn create_or_find_key(
+        &self,
+        alias: &str,
+        description: &str,
+        rotation_period_seconds: u64,
+    ) -> Result<KeyMetadata, NotesError> {
+        let created = self
+            .client
+            .create_key_with_rotation(Some(alias), Some(description), rotation_period_seconds)
+            .await;
+        let key = match created {
+            Ok(key) => key,
+            Err(e) if e.code() == Some(Code::AlreadyExists) => {
+                let key = self
+                    .client
+                    .describe_key(alias)
+                    .await
+                    .map_err(|e| NotesError::from_kms(KmsCall::ClientKey, e))?;
+                // Two (site, client) pairs must never share a key: erasing one would erase
+                // both. The description names the owner; a mismatch is a misconfiguration
+                // (a notes-store serving several sites without {site} in client_key_alias).
+                if key.description != description {
+                    return Err(NotesError::FailedPrecondition(format!(
+                        "KMS key {alias} belongs to another site or client ({:?}); include \
+                         {{site}} in kms.client_key_alias",
+                        key.description
+                    )));
+                }
+                key
+            }
+            Err(e) => return Err(NotesError::from_kms(KmsCall::ClientKey, e)),
+        };
+        match key.state {
+            KeyState::Enabled => Ok(key),
+            KeyState::Destroyed | KeyState::PendingDeletion => Err(NotesError::FailedPrecondition(
+                "the client's KMS key was erased: no new notes for this client".to_string(),
+            )),
+            other => Err(NotesError::FailedPrecondition(format!(
+                "the client's KMS key is {other}"
+            ))),
+        }
+    }
+
+    /// Destroys `key` (crypto-shredding) with `reason` and `subject` recorded in the signed
+    /// receipt. Idempotent on the KMS side.
+    pub async fn erase_key(
+        &self,
+        key: &str,
+        reason: &str,
+        subject: &BTreeMap<String, String>,
+    ) -> Result<ErasureReceipt, NotesError> {
+        self.client
+            .erase_key(key, reason, subject)
+            .await
+            .map_err(|e| NotesError::from_kms(KmsCall::EraseKey, e))
+    }
+
+    /// The underlying client (re-wrap campaigns use it directly).
+    pub fn client(&self) -> &KmsClient {
+        &self.client
     }
 
     /// Whether the configured key can be described (health).

@@ -6,11 +6,13 @@
 //! health, reflection, metrics and shutdown. `main.rs` only parses arguments.
 
 pub mod callers;
+pub mod client_keys;
 pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod kms;
 pub mod metrics;
+pub mod rewrap;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -49,9 +49,12 @@ pub async fn run(
     if cfg.callers.is_empty() {
         tracing::warn!("no [[callers]] configured: every call will be refused");
     }
+    let client_keys =
+        crate::client_keys::ClientKeys::new(kms.clone(), store.clone(), Arc::new(cfg.clone()));
     let service = NotesServiceImpl::new(
         store.clone(),
         kms.clone(),
+        client_keys,
         callers,
         cfg.server.max_body_bytes,
     );

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use notes_store::crypto::Sealed;
 use notes_store::store::{
-    self, ListQuery, NoteRecord, NoteStore, RevisionMeta, RevisionRecord, StoreError,
+    self, ClientState, ErasureRecord, ListQuery, NoteRecord, NoteStore, RevisionMeta,
+    RevisionRecord, RewrapUpdate, StoreError,
 };
 use sqlx::{Connection, PgConnection};
 use tempfile::TempDir;
@@ -144,6 +145,8 @@ store_tests!(
     concurrent_amendments_one_wins,
     list_notes_pages_and_filters,
     migrations_are_idempotent,
+    client_keys_hold_and_erasure,
+    rewrap_pages_and_conditional_updates,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -535,4 +538,178 @@ async fn migrated_schemas_have_the_same_tables_and_columns() {
     let _ = pg.close().await;
     assert!(sqlite_columns.contains(&("note_revisions".into(), "wrapped_key".into())));
     assert_eq!(sqlite_columns, pg_columns);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client keys (crypto-shredding) and re-wrap campaigns
+
+async fn client_keys_hold_and_erasure(db: TestDb) {
+    let s = db.store.as_ref();
+    assert!(s.client_key("a", "c1").await.unwrap().is_none());
+    // The first recorded key wins.
+    let row = s.record_client_key("a", "c1", "key-1", T0).await.unwrap();
+    assert_eq!(row.kms_key_id.as_deref(), Some("key-1"));
+    assert_eq!(row.state, ClientState::Active);
+    let row = s.record_client_key("a", "c1", "key-2", T0).await.unwrap();
+    assert_eq!(row.kms_key_id.as_deref(), Some("key-1"));
+    let a1 = note("a", "c1", "2024-01-01");
+    let a2 = note("a", "c1", "2024-01-02");
+    let b1 = note("a", "c2", "2024-01-01");
+    for n in [&a1, &a2, &b1] {
+        insert(s, n).await;
+    }
+    s.add_revision(&revision(a1.note_id, 2), 1).await.unwrap();
+    assert_eq!(s.count_client_notes("a", "c1").await.unwrap(), (2, 3));
+
+    // A legal hold blocks the erasure; lifting it allows it.
+    let row = s
+        .set_legal_hold("a", "c1", Some("case 7"), T0 + 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        row.legal_hold.as_ref().map(|h| h.reason.as_str()),
+        Some("case 7")
+    );
+    assert!(matches!(
+        s.begin_erasure("a", "c1", "DSR-1", T0 + 2).await,
+        Err(StoreError::LegalHold(r)) if r == "case 7"
+    ));
+    assert_eq!(
+        s.client_key("a", "c1").await.unwrap().unwrap().state,
+        ClientState::Active
+    );
+    let row = s.set_legal_hold("a", "c1", None, T0 + 3).await.unwrap();
+    assert!(row.legal_hold.is_none());
+    let row = s.begin_erasure("a", "c1", "DSR-1", T0 + 4).await.unwrap();
+    assert_eq!(row.state, ClientState::Erasing);
+    assert_eq!(row.erasure_reason.as_deref(), Some("DSR-1"));
+
+    // From now on no write for c1, in the store's own transaction; c2 is untouched.
+    let late = note("a", "c1", "2024-02-01");
+    assert!(matches!(
+        s.insert_note(&late, &revision(late.note_id, 1)).await,
+        Err(StoreError::ClientNotActive("ERASING"))
+    ));
+    assert!(matches!(
+        s.add_revision(&revision(a2.note_id, 2), 1).await,
+        Err(StoreError::ClientNotActive("ERASING"))
+    ));
+    assert!(matches!(
+        s.set_legal_hold("a", "c1", Some("late"), T0).await,
+        Err(StoreError::ClientNotActive(_))
+    ));
+    // Repeating the start is harmless.
+    assert_eq!(
+        s.begin_erasure("a", "c1", "again", T0 + 5)
+            .await
+            .unwrap()
+            .state,
+        ClientState::Erasing
+    );
+
+    let erasure = ErasureRecord {
+        erased_at_ms: T0 + 6,
+        reason: "DSR-1".into(),
+        receipt: b"{\"receipt\":1}".to_vec(),
+        receipt_signature: vec![7; 64],
+        receipt_fingerprint: "ab".repeat(32),
+        ..ErasureRecord::default()
+    };
+    let row = s.finish_erasure("a", "c1", &erasure).await.unwrap();
+    assert_eq!(row.state, ClientState::Erased);
+    let e = row.erasure.clone().unwrap();
+    assert_eq!((e.notes_erased, e.revisions_erased), (2, 3));
+    assert_eq!(e.receipt, erasure.receipt);
+    assert_eq!(e.receipt_signature, erasure.receipt_signature);
+    assert_eq!(e.erased_at_ms, T0 + 6);
+    assert_eq!(s.count_client_notes("a", "c1").await.unwrap(), (0, 0));
+    assert!(s.get_note(a1.note_id).await.unwrap().is_none());
+    assert!(s.get_revision(a1.note_id, 2).await.unwrap().is_none());
+    // Other clients keep their notes.
+    assert!(s.get_note(b1.note_id).await.unwrap().is_some());
+    assert_eq!(s.count_client_notes("a", "c2").await.unwrap(), (1, 1));
+    // Repeating either step returns the same erasure.
+    assert_eq!(s.begin_erasure("a", "c1", "x", T0 + 9).await.unwrap(), row);
+    assert_eq!(
+        s.finish_erasure("a", "c1", &ErasureRecord::default())
+            .await
+            .unwrap(),
+        row
+    );
+    assert!(matches!(
+        s.insert_note(&late, &revision(late.note_id, 1)).await,
+        Err(StoreError::ClientNotActive("ERASED"))
+    ));
+    // Erasing a client that never had a note works too (no key to destroy).
+    let row = s.begin_erasure("a", "c9", "DSR-2", T0).await.unwrap();
+    assert_eq!(row.kms_key_id, None);
+    let row = s
+        .finish_erasure("a", "c9", &ErasureRecord::default())
+        .await
+        .unwrap();
+    assert_eq!(row.state, ClientState::Erased);
+}
+
+async fn rewrap_pages_and_conditional_updates(db: TestDb) {
+    let s = db.store.as_ref();
+    let mut notes: Vec<NoteRecord> = (0..5).map(|_| note("a", "c1", "2024-01-01")).collect();
+    notes.sort_by_key(|n| n.note_id);
+    for n in &notes {
+        insert(s, n).await;
+    }
+    s.add_revision(&revision(notes[0].note_id, 2), 1)
+        .await
+        .unwrap();
+    // Keyset pages of 2 visit all 6 revisions once, in (note_id, revision) order.
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s.rewrap_page(None, after, 2).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|r| (r.note_id, r.revision));
+        seen.extend(page);
+    }
+    assert_eq!(seen.len(), 6);
+    assert_eq!((seen[0].note_id, seen[0].revision), (notes[0].note_id, 1));
+    assert_eq!((seen[1].note_id, seen[1].revision), (notes[0].note_id, 2));
+    assert!(seen.iter().all(|r| r.site_id == "a" && r.client_id == "c1"));
+    let key = "9f0c1e0e-0000-4000-8000-000000000001";
+    assert_eq!(s.rewrap_page(Some(key), None, 100).await.unwrap().len(), 6);
+    assert!(s
+        .rewrap_page(Some("other"), None, 100)
+        .await
+        .unwrap()
+        .is_empty());
+
+    let update = |r: &notes_store::store::RewrapRow, old: Vec<u8>| RewrapUpdate {
+        note_id: r.note_id,
+        revision: r.revision,
+        old_wrapped_key: old,
+        new_wrapped_key: vec![0xab; 80],
+        kms_key_id: key.into(),
+        kms_key_version: 2,
+    };
+    // Only rows that still hold the old blob change; a repeat changes nothing.
+    let batch: Vec<RewrapUpdate> = seen[..3]
+        .iter()
+        .map(|r| update(r, r.wrapped_key.clone()))
+        .chain(std::iter::once(update(&seen[3], vec![1, 2, 3])))
+        .collect();
+    assert_eq!(s.apply_rewraps(&batch).await.unwrap(), 3);
+    assert_eq!(s.apply_rewraps(&batch).await.unwrap(), 0);
+    let r = s
+        .get_revision(seen[0].note_id, seen[0].revision)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.wrapped_key, vec![0xab; 80]);
+    assert_eq!(r.meta.kms_key_version, 2);
+    let usage = s.key_usage().await.unwrap();
+    let counts: Vec<(u32, u64)> = usage
+        .iter()
+        .map(|u| (u.kms_key_version, u.revisions))
+        .collect();
+    assert_eq!(counts, vec![(1, 3), (2, 3)]);
 }

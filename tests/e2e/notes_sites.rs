@@ -14,7 +14,8 @@ use kms_tests::{KmsServer, NotesOptions, NotesServer, ServerOptions};
 use time::OffsetDateTime;
 use tonic::Code;
 
-/// Sites share the key "notes"; each may use it only for data whose context says its site.
+/// Sites share the key "notes"; each may use it only for data whose context says its site, and
+/// keeps its per-client keys under "notes/{site}/clients/".
 const SHARED_KEY_POLICY: &str = r#"
 [[allow]]
 identity = "spiffe://dev.clinic/client/admin"
@@ -28,6 +29,13 @@ role = "auditor"
 identity = "spiffe://dev.clinic/site/{site}/notes-store"
 role = "service"
 keys = ["notes"]
+context = { site = "{site}" }
+
+# Per-client keys (crypto-shredding), under the same context condition.
+[[allow]]
+identity = "spiffe://dev.clinic/site/{site}/notes-store"
+role = "custodian"
+keys = ["notes/{site}/clients/*"]
 context = { site = "{site}" }
 "#;
 
@@ -141,7 +149,8 @@ async fn site_b_cannot_decrypt_a_copy_of_site_a_notes() {
         Code::NotFound,
         "the copy lacks the note: {err:?}"
     );
-    // The KMS refused B's Decrypt because the context says site a.
+    // The KMS refused B's Decrypt: the data key is wrapped under site A's client key
+    // (notes/a/clients/c-1), which B's grants do not cover, so to B it does not exist.
     let events = audit_events(
         &kms,
         kpb::QueryAuditEventsRequest {
@@ -153,8 +162,13 @@ async fn site_b_cannot_decrypt_a_copy_of_site_a_notes() {
     .await;
     assert!(!events.is_empty(), "no Decrypt by site B was audited");
     for e in &events {
-        assert_eq!(e.outcome, "PERMISSION_DENIED", "{e:?}");
-        assert!(e.detail.contains("context site must be b"), "{e:?}");
+        assert_eq!(e.outcome, "NOT_FOUND", "{e:?}");
+        assert_eq!(
+            e.context.get("site").map(String::as_str),
+            Some("a"),
+            "{e:?}"
+        );
+        assert!(e.detail.ends_with("not found"), "{e:?}");
     }
     // B may of course still write and read its own site's notes.
     let own = c

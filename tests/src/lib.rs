@@ -7,8 +7,11 @@
 
 pub mod notes;
 pub mod pg;
+pub mod swtpm;
+pub mod tpm_ceiling;
 
 pub use notes::{NotesOptions, NotesServer};
+pub use swtpm::Swtpm;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -52,6 +55,14 @@ role = "key-admin"
 [[allow]]
 identity = "spiffe://dev.clinic/client/notes-store"
 role = "service"
+
+[[allow]]
+identity = "spiffe://dev.clinic/client/notes-store"
+role = "custodian"
+
+[[allow]]
+identity = "spiffe://dev.clinic/client/app"
+role = "custodian"
 "#;
 pub const PIN: &str = "harness-user-pin-8472";
 const SO_PIN: &str = "harness-so-pin-8472";
@@ -99,6 +110,12 @@ pub struct ServerOptions {
     /// `[tls] client_crl = "<pki>/ca.crl"`, starting as an empty list signed by the dev CA
     /// (rewrite it with `CertAuthority::issue_crl`).
     pub client_crl: bool,
+    /// `[lifecycle] check_interval_ms`: how often due rotations and deletions run. The
+    /// harness sets the minimum rotation period and deletion wait to 1 s.
+    pub lifecycle_check_ms: u64,
+    /// `Some(tcti)`: `[backend] type = "tpm"` with this TCTI (e.g. `Swtpm::tcti()`; the test
+    /// owns the swtpm) instead of the server's SoftHSM token.
+    pub tpm_tcti: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -113,6 +130,8 @@ impl Default for ServerOptions {
             checkpoint_interval_ms: 1000,
             policy: HARNESS_POLICY.to_string(),
             client_crl: false,
+            lifecycle_check_ms: 500,
+            tpm_tcti: None,
         }
     }
 }
@@ -223,12 +242,7 @@ client_ca = "{pki}/ca.pem"
 url = "{db}"
 
 [backend]
-type = "pkcs11"
-module = "{module}"
-token_label = "kms-e2e"
-pin_file = "{tok}/user.pin"
-max_sessions = {sessions}
-acquire_timeout_ms = 3000
+{backend}
 
 [log]
 format = "{fmt}"
@@ -243,17 +257,31 @@ checkpoint_interval_ms = {cp_interval}
 
 [policy]
 file = "{policy}"
+
+[lifecycle]
+min_rotation_period_secs = 1
+min_deletion_waiting_secs = 1
+check_interval_ms = {lifecycle_ms}
 "#,
             pki = self.pki_dir.display(),
             db = self.database_url,
-            module = pkcs11_module().display(),
-            tok = self.token_dir.display(),
-            sessions = o.max_sessions,
+            backend = match &o.tpm_tcti {
+                Some(tcti) => format!("type = \"tpm\"\ntcti = \"{tcti}\""),
+                None => format!(
+                    "type = \"pkcs11\"\nmodule = \"{module}\"\ntoken_label = \"kms-e2e\"\n\
+                     pin_file = \"{tok}/user.pin\"\nmax_sessions = {sessions}\n\
+                     acquire_timeout_ms = 3000",
+                    module = pkcs11_module().display(),
+                    tok = self.token_dir.display(),
+                    sessions = o.max_sessions,
+                ),
+            },
             fmt = if o.log_json { "json" } else { "text" },
             ttl = o.key_cache_ttl_ms,
             cp_every = o.checkpoint_every,
             cp_interval = o.checkpoint_interval_ms,
             policy = self.policy_path.display(),
+            lifecycle_ms = o.lifecycle_check_ms,
             crl = if o.client_crl {
                 format!("client_crl = \"{}/ca.crl\"", self.pki_dir.display())
             } else {

@@ -3,7 +3,7 @@
 //! The trait impl at the bottom is thin: each RPC runs its handler inside `observe`, which
 //! gives it a request id and a tracing span (with the caller's certificate name), records
 //! metrics, and turns `NotesError` into a status (`error.rs`). Writes live in `write.rs`,
-//! reads in `read.rs`, input rules in `validate.rs`.
+//! reads in `read.rs`, erasure and legal holds in `erasure.rs`, input rules in `validate.rs`.
 //!
 //! | RPC            | body limit                         | KMS call        | DB                     |
 //! |----------------|------------------------------------|-----------------|------------------------|
@@ -12,11 +12,15 @@
 //! | GetNote        | -                                  | Decrypt (always)| reads                  |
 //! | ListNotes      | -                                  | none            | reads, metadata only   |
 //! | GetNoteHistory | -                                  | none            | reads, metadata only   |
+//! | EraseClient    | reason 1 KiB; `may_erase`          | EraseKey        | two transactions       |
+//! | Place/LiftLegalHold | reason 1 KiB; `may_hold`      | none            | one transaction        |
+//! | GetClientStatus | `may_erase` or `may_hold`         | none            | reads                  |
 //!
 //! Every caller has passed mutual TLS with a certificate from the configured client CA; each
 //! handler then checks that the caller may act for the site concerned (`crate::callers`),
 //! before any KMS call — for a note id, after looking up the note's site.
 
+mod erasure;
 mod read;
 pub mod validate;
 mod write;
@@ -32,6 +36,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::callers::Callers;
+use crate::client_keys::ClientKeys;
 use crate::error::NotesError;
 use crate::kms::Kms;
 use crate::store::{NoteRecord, NoteStore, RevisionMeta};
@@ -45,6 +50,7 @@ pub struct NotesServiceImpl {
 struct Inner {
     store: Arc<dyn NoteStore>,
     kms: Kms,
+    client_keys: ClientKeys,
     callers: Callers,
     max_body_bytes: usize,
 }
@@ -53,6 +59,7 @@ impl NotesServiceImpl {
     pub fn new(
         store: Arc<dyn NoteStore>,
         kms: Kms,
+        client_keys: ClientKeys,
         callers: Callers,
         max_body_bytes: usize,
     ) -> Self {
@@ -60,6 +67,7 @@ impl NotesServiceImpl {
             inner: Arc::new(Inner {
                 store,
                 kms,
+                client_keys,
                 callers,
                 max_body_bytes,
             }),
@@ -204,5 +212,39 @@ impl NotesService for NotesServiceImpl {
         r: Request<pb::GetNoteHistoryRequest>,
     ) -> Result<Response<pb::GetNoteHistoryResponse>, Status> {
         observe("GetNoteHistory", r, |r, c| self.handle_history(r, c)).await
+    }
+
+    async fn erase_client(
+        &self,
+        r: Request<pb::EraseClientRequest>,
+    ) -> Result<Response<pb::EraseClientResponse>, Status> {
+        observe("EraseClient", r, |r, c| self.handle_erase(r, c)).await
+    }
+
+    async fn place_legal_hold(
+        &self,
+        r: Request<pb::PlaceLegalHoldRequest>,
+    ) -> Result<Response<pb::ClientStatus>, Status> {
+        observe("PlaceLegalHold", r, |r, c| {
+            self.handle_hold(r.site_id, r.client_id, Some(r.reason), c)
+        })
+        .await
+    }
+
+    async fn lift_legal_hold(
+        &self,
+        r: Request<pb::LiftLegalHoldRequest>,
+    ) -> Result<Response<pb::ClientStatus>, Status> {
+        observe("LiftLegalHold", r, |r, c| {
+            self.handle_hold(r.site_id, r.client_id, None, c)
+        })
+        .await
+    }
+
+    async fn get_client_status(
+        &self,
+        r: Request<pb::GetClientStatusRequest>,
+    ) -> Result<Response<pb::ClientStatus>, Status> {
+        observe("GetClientStatus", r, |r, c| self.handle_status(r, c)).await
     }
 }

@@ -1,5 +1,7 @@
-//! CreateNote and AmendNote: validate everything, get a fresh data key from the KMS, seal
-//! locally, drop (zeroize) the data key, then write in one transaction.
+//! CreateNote and AmendNote: validate everything, get a fresh data key from the KMS under the
+//! client's own key (`crate::client_keys`, created on the client's first note), seal locally,
+//! drop (zeroize) the data key, then write in one transaction. Refused (FAILED_PRECONDITION)
+//! once the client's erasure has begun.
 //!
 //! Fail closed, nothing lost: nothing is written before the KMS has answered, so a KMS outage
 //! writes nothing; the database write is a single transaction, so a failure after the data key
@@ -35,7 +37,12 @@ impl NotesServiceImpl {
             note_id,
             revision: 1,
         };
-        let data_key = self.kms().data_key(&ids).await?;
+        let client_key = self
+            .inner
+            .client_keys
+            .key_for_write(&req.site_id, &req.client_id)
+            .await?;
+        let data_key = self.kms().data_key(&client_key, &ids).await?;
         let sealed_body = crypto::seal(&data_key.plaintext, &ids, Field::Body, &body)?;
         let now = now_ms();
         let revision = RevisionRecord {
@@ -111,7 +118,12 @@ impl NotesServiceImpl {
             note_id,
             revision: next,
         };
-        let data_key = self.kms().data_key(&ids).await?;
+        let client_key = self
+            .inner
+            .client_keys
+            .key_for_write(&note.site_id, &note.client_id)
+            .await?;
+        let data_key = self.kms().data_key(&client_key, &ids).await?;
         let sealed_body = crypto::seal(&data_key.plaintext, &ids, Field::Body, &body)?;
         let mut sealed_reason = crypto::seal(&data_key.plaintext, &ids, Field::Reason, &reason)?;
         // Two nonces under one key must differ (2^-96 odds; checked anyway).

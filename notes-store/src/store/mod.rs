@@ -12,14 +12,21 @@
 //! value; two concurrent amendments of the same revision cannot both commit (the primary key
 //! refuses the second insert, the conditional update the second move).
 
+pub mod keys;
 mod postgres;
+mod postgres_keys;
 mod sqlite;
+mod sqlite_keys;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use uuid::Uuid;
 
+pub use keys::{
+    ClientKeyRecord, ClientKeyStore, ClientState, ErasureRecord, KeyUsage, LegalHold, RewrapRow,
+    RewrapStore, RewrapUpdate,
+};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -39,6 +46,12 @@ pub enum StoreError {
     /// A uniqueness constraint was violated, e.g. by a concurrent amendment.
     #[error("{0}")]
     Conflict(String),
+    /// `begin_erasure`: a legal hold (its reason) blocks the erasure.
+    #[error("the client is under a legal hold: {0}")]
+    LegalHold(String),
+    /// A write or hold for a client whose erasure has begun (the state).
+    #[error("the client is {0}: its notes were erased")]
+    ClientNotActive(&'static str),
     #[error("{0}")]
     Internal(String),
 }
@@ -97,15 +110,17 @@ pub struct ListQuery {
     pub limit: u32,
 }
 
-/// Storage of notes. Every multi-row change is one transaction.
+/// Storage of notes. Every multi-row change is one transaction. Client keys and re-wrap
+/// campaigns are in `keys.rs`.
 #[async_trait]
-pub trait NoteStore: Send + Sync {
+pub trait NoteStore: ClientKeyStore + RewrapStore + Send + Sync {
     /// Applies this database's migrations. Idempotent.
     async fn migrate(&self) -> Result<(), StoreError>;
     /// Cheap liveness check for the health service.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Inserts a note with its first revision, atomically: either both rows exist afterwards
-    /// or neither does.
+    /// or neither does. `ClientNotActive` once the client's erasure has begun (as for
+    /// `add_revision`).
     async fn insert_note(
         &self,
         note: &NoteRecord,

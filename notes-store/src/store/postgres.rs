@@ -44,7 +44,7 @@ macro_rules! meta_columns {
 /// Notes in a PostgreSQL database (the tables of the connection's current schema).
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
-    pool: PgPool,
+    pub(super) pool: PgPool,
 }
 
 impl PostgresStore {
@@ -86,6 +86,8 @@ impl NoteStore for PostgresStore {
     ) -> Result<(), StoreError> {
         check_first_revision(note, first)?;
         let mut tx = self.pool.begin().await.map_err(map_err)?;
+        super::postgres_keys::check_client_writable(&mut tx, &note.site_id, &note.client_id)
+            .await?;
         sqlx::query(concat!(
             "INSERT INTO notes (",
             note_columns!(),
@@ -196,6 +198,13 @@ impl NoteStore for PostgresStore {
                 .await
                 .map_err(map_err)?;
         check_current(current, expected)?;
+        let (site, client): (String, String) =
+            sqlx::query_as("SELECT site_id, client_id FROM notes WHERE note_id = $1")
+                .bind(note_id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        super::postgres_keys::check_client_writable(&mut tx, &site, &client).await?;
         insert_revision(&mut tx, revision).await?;
         let moved = sqlx::query(
             "UPDATE notes SET current_revision = $2, updated_at_ms = $3 \
@@ -287,7 +296,7 @@ fn revision_from_row(row: &PgRow) -> Result<RevisionRecord, StoreError> {
 }
 
 /// sqlx error → `StoreError` (see `super::map_sqlx_err`).
-fn map_err(err: sqlx::Error) -> StoreError {
+pub(super) fn map_err(err: sqlx::Error) -> StoreError {
     super::map_sqlx_err(err, map_database_err)
 }
 

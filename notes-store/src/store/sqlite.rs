@@ -49,7 +49,7 @@ macro_rules! meta_columns {
 /// Notes in one SQLite database file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(super) pool: SqlitePool,
 }
 
 impl SqliteStore {
@@ -234,11 +234,11 @@ async fn insert_revision(
 }
 
 /// Canonical note id text in SQLite: lower-case, hyphenated (a CHECK enforces it).
-fn id_text(id: Uuid) -> String {
+pub(super) fn id_text(id: Uuid) -> String {
     id.hyphenated().to_string()
 }
 
-fn parse_id(text: &str) -> Result<Uuid, StoreError> {
+pub(super) fn parse_id(text: &str) -> Result<Uuid, StoreError> {
     Uuid::parse_str(text)
         .map_err(|_| StoreError::Internal("malformed note id in database".to_string()))
 }
@@ -287,7 +287,7 @@ fn revision_from_row(row: &SqliteRow) -> Result<RevisionRecord, StoreError> {
 }
 
 /// sqlx error → `StoreError` (see `super::map_sqlx_err`).
-fn map_err(err: sqlx::Error) -> StoreError {
+pub(super) fn map_err(err: sqlx::Error) -> StoreError {
     super::map_sqlx_err(err, map_database_err)
 }
 
@@ -324,6 +324,7 @@ async fn insert_note_tx(
     first: &RevisionRecord,
 ) -> Result<(), StoreError> {
     let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
+    super::sqlite_keys::check_client_writable(&mut tx, &note.site_id, &note.client_id).await?;
     sqlx::query(concat!(
         "INSERT INTO notes (",
         note_columns!(),
@@ -359,6 +360,13 @@ async fn add_revision_tx(
             .await
             .map_err(map_err)?;
     check_current(current, expected)?;
+    let (site, client): (String, String) =
+        sqlx::query_as("SELECT site_id, client_id FROM notes WHERE note_id = ?1")
+            .bind(&note_id)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+    super::sqlite_keys::check_client_writable(&mut tx, &site, &client).await?;
     insert_revision(&mut tx, revision).await?;
     let moved = sqlx::query(
         "UPDATE notes SET current_revision = ?2, updated_at_ms = ?3 \

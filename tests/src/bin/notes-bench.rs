@@ -241,6 +241,7 @@ async fn run(args: Args) -> Result<()> {
         .create_key(pb::CreateKeyRequest {
             alias: "notes-bench-gdk".into(),
             description: "notes-bench GenerateDataKey baseline".into(),
+            rotation_period_seconds: 0,
         })
         .await?
         .into_inner()

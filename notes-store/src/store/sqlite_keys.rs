@@ -1,0 +1,429 @@
+//! `ClientKeyStore` and `RewrapStore` on SQLite (see `keys.rs`). Write transactions start with
+//! `BEGIN IMMEDIATE`, like every other write of `sqlite.rs`, so a state check and the change
+//! that depends on it cannot interleave with another writer.
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnection, SqliteRow};
+use sqlx::{Connection, Row};
+use uuid::Uuid;
+
+use super::keys::{
+    count_from_db, hold_from_columns, ClientKeyRecord, ClientKeyStore, ClientState, ErasureRecord,
+    KeyUsage, RewrapRow, RewrapStore, RewrapUpdate,
+};
+use super::sqlite::{id_text, map_err, parse_id, SqliteStore};
+use super::{revision_from_db, StoreError};
+
+const CLIENT_COLUMNS: &str = "site_id, client_id, kms_key_id, state, created_at_ms, \
+     erasure_reason, erased_at_ms, legal_hold, legal_hold_reason, legal_hold_at_ms, \
+     notes_erased, revisions_erased, receipt, receipt_signature, receipt_fingerprint";
+
+fn client_from_row(row: &SqliteRow) -> Result<ClientKeyRecord, StoreError> {
+    let state = ClientState::parse(&row.try_get::<String, _>("state").map_err(map_err)?)?;
+    let erasure = if state == ClientState::Erased {
+        Some(ErasureRecord {
+            erased_at_ms: row
+                .try_get::<Option<i64>, _>("erased_at_ms")
+                .map_err(map_err)?
+                .unwrap_or(0),
+            reason: row
+                .try_get::<Option<String>, _>("erasure_reason")
+                .map_err(map_err)?
+                .unwrap_or_default(),
+            notes_erased: count_from_db(
+                row.try_get::<Option<i64>, _>("notes_erased")
+                    .map_err(map_err)?
+                    .unwrap_or(0),
+            )?,
+            revisions_erased: count_from_db(
+                row.try_get::<Option<i64>, _>("revisions_erased")
+                    .map_err(map_err)?
+                    .unwrap_or(0),
+            )?,
+            receipt: row
+                .try_get::<Option<Vec<u8>>, _>("receipt")
+                .map_err(map_err)?
+                .unwrap_or_default(),
+            receipt_signature: row
+                .try_get::<Option<Vec<u8>>, _>("receipt_signature")
+                .map_err(map_err)?
+                .unwrap_or_default(),
+            receipt_fingerprint: row
+                .try_get::<Option<String>, _>("receipt_fingerprint")
+                .map_err(map_err)?
+                .unwrap_or_default(),
+        })
+    } else {
+        None
+    };
+    Ok(ClientKeyRecord {
+        site_id: row.try_get("site_id").map_err(map_err)?,
+        client_id: row.try_get("client_id").map_err(map_err)?,
+        kms_key_id: row.try_get("kms_key_id").map_err(map_err)?,
+        state,
+        created_at_ms: row.try_get("created_at_ms").map_err(map_err)?,
+        legal_hold: hold_from_columns(
+            row.try_get("legal_hold").map_err(map_err)?,
+            row.try_get("legal_hold_reason").map_err(map_err)?,
+            row.try_get("legal_hold_at_ms").map_err(map_err)?,
+        ),
+        erasure_reason: row.try_get("erasure_reason").map_err(map_err)?,
+        erasure,
+    })
+}
+
+async fn select_client(
+    conn: &mut SqliteConnection,
+    site: &str,
+    client: &str,
+) -> Result<Option<ClientKeyRecord>, StoreError> {
+    let sql =
+        format!("SELECT {CLIENT_COLUMNS} FROM client_keys WHERE site_id = ?1 AND client_id = ?2");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(site)
+        .bind(client)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(map_err)?
+        .map(|row| client_from_row(&row))
+        .transpose()
+}
+
+/// Inserts an ACTIVE row without a key unless one exists.
+async fn ensure_row(
+    conn: &mut SqliteConnection,
+    site: &str,
+    client: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO client_keys (site_id, client_id, state, created_at_ms) \
+         VALUES (?1, ?2, 'ACTIVE', ?3) ON CONFLICT (site_id, client_id) DO NOTHING",
+    )
+    .bind(site)
+    .bind(client)
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await
+    .map(|_| ())
+    .map_err(map_err)
+}
+
+/// The row, which must exist (it was just ensured inside the same transaction).
+async fn existing(
+    conn: &mut SqliteConnection,
+    site: &str,
+    client: &str,
+) -> Result<ClientKeyRecord, StoreError> {
+    select_client(conn, site, client)
+        .await?
+        .ok_or_else(|| StoreError::Internal("client row vanished inside its transaction".into()))
+}
+
+/// Runs `body` in a `BEGIN IMMEDIATE` transaction on a pooled connection; a failed
+/// transaction's connection is closed rather than reused.
+macro_rules! immediate {
+    ($store:expr, |$conn:ident| $body:expr) => {{
+        let mut pooled = $store.pool.acquire().await.map_err(map_err)?;
+        let result = async {
+            let mut tx = pooled
+                .begin_with("BEGIN IMMEDIATE")
+                .await
+                .map_err(map_err)?;
+            let $conn: &mut SqliteConnection = &mut tx;
+            let value = $body.await?;
+            tx.commit().await.map_err(map_err)?;
+            Ok::<_, StoreError>(value)
+        }
+        .await;
+        if result.is_err() {
+            pooled.close_on_drop();
+        }
+        result
+    }};
+}
+
+#[async_trait]
+impl ClientKeyStore for SqliteStore {
+    async fn client_key(
+        &self,
+        site: &str,
+        client: &str,
+    ) -> Result<Option<ClientKeyRecord>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(map_err)?;
+        select_client(&mut conn, site, client).await
+    }
+
+    async fn record_client_key(
+        &self,
+        site: &str,
+        client: &str,
+        kms_key_id: &str,
+        now_ms: i64,
+    ) -> Result<ClientKeyRecord, StoreError> {
+        immediate!(self, |conn| async move {
+            ensure_row(conn, site, client, now_ms).await?;
+            sqlx::query(
+                "UPDATE client_keys SET kms_key_id = ?3 \
+                 WHERE site_id = ?1 AND client_id = ?2 AND kms_key_id IS NULL",
+            )
+            .bind(site)
+            .bind(client)
+            .bind(kms_key_id)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+            existing(conn, site, client).await
+        })
+    }
+
+    async fn set_legal_hold(
+        &self,
+        site: &str,
+        client: &str,
+        hold: Option<&str>,
+        now_ms: i64,
+    ) -> Result<ClientKeyRecord, StoreError> {
+        immediate!(self, |conn| async move {
+            ensure_row(conn, site, client, now_ms).await?;
+            let row = existing(conn, site, client).await?;
+            if row.state != ClientState::Active {
+                return Err(StoreError::ClientNotActive(row.state.as_str()));
+            }
+            sqlx::query(
+                "UPDATE client_keys SET legal_hold = ?3, legal_hold_reason = ?4, \
+                 legal_hold_at_ms = ?5 WHERE site_id = ?1 AND client_id = ?2",
+            )
+            .bind(site)
+            .bind(client)
+            .bind(i64::from(hold.is_some()))
+            .bind(hold)
+            .bind(hold.map(|_| now_ms))
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+            existing(conn, site, client).await
+        })
+    }
+
+    async fn begin_erasure(
+        &self,
+        site: &str,
+        client: &str,
+        reason: &str,
+        now_ms: i64,
+    ) -> Result<ClientKeyRecord, StoreError> {
+        immediate!(self, |conn| async move {
+            ensure_row(conn, site, client, now_ms).await?;
+            let row = existing(conn, site, client).await?;
+            if row.state != ClientState::Active {
+                return Ok(row);
+            }
+            if let Some(hold) = &row.legal_hold {
+                return Err(StoreError::LegalHold(hold.reason.clone()));
+            }
+            sqlx::query(
+                "UPDATE client_keys SET state = 'ERASING', erasure_started_ms = ?3, \
+                 erasure_reason = ?4 WHERE site_id = ?1 AND client_id = ?2 AND state = 'ACTIVE'",
+            )
+            .bind(site)
+            .bind(client)
+            .bind(now_ms)
+            .bind(reason)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+            existing(conn, site, client).await
+        })
+    }
+
+    async fn finish_erasure(
+        &self,
+        site: &str,
+        client: &str,
+        erasure: &ErasureRecord,
+    ) -> Result<ClientKeyRecord, StoreError> {
+        immediate!(self, |conn| async move {
+            let row = select_client(conn, site, client)
+                .await?
+                .ok_or_else(|| StoreError::Internal("finish_erasure: no client row".into()))?;
+            match row.state {
+                ClientState::Erased => return Ok(row),
+                ClientState::Active => {
+                    return Err(StoreError::Internal(
+                        "finish_erasure: erasure not begun".into(),
+                    ))
+                }
+                ClientState::Erasing => {}
+            }
+            let (notes, revisions) = count_in(conn, site, client).await?;
+            sqlx::query(
+                "DELETE FROM note_revisions WHERE note_id IN \
+                 (SELECT note_id FROM notes WHERE site_id = ?1 AND client_id = ?2)",
+            )
+            .bind(site)
+            .bind(client)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+            sqlx::query("DELETE FROM notes WHERE site_id = ?1 AND client_id = ?2")
+                .bind(site)
+                .bind(client)
+                .execute(&mut *conn)
+                .await
+                .map_err(map_err)?;
+            sqlx::query(
+                "UPDATE client_keys SET state = 'ERASED', erased_at_ms = ?3, \
+                 notes_erased = ?4, revisions_erased = ?5, receipt = ?6, \
+                 receipt_signature = ?7, receipt_fingerprint = ?8 \
+                 WHERE site_id = ?1 AND client_id = ?2",
+            )
+            .bind(site)
+            .bind(client)
+            .bind(erasure.erased_at_ms)
+            .bind(i64::try_from(notes).unwrap_or(i64::MAX))
+            .bind(i64::try_from(revisions).unwrap_or(i64::MAX))
+            .bind(erasure.receipt.as_slice())
+            .bind(erasure.receipt_signature.as_slice())
+            .bind(&erasure.receipt_fingerprint)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+            existing(conn, site, client).await
+        })
+    }
+
+    async fn count_client_notes(&self, site: &str, client: &str) -> Result<(u64, u64), StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(map_err)?;
+        count_in(&mut conn, site, client).await
+    }
+}
+
+async fn count_in(
+    conn: &mut SqliteConnection,
+    site: &str,
+    client: &str,
+) -> Result<(u64, u64), StoreError> {
+    let (notes, revisions): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM notes WHERE site_id = ?1 AND client_id = ?2), \
+         (SELECT count(*) FROM note_revisions r JOIN notes n ON n.note_id = r.note_id \
+          WHERE n.site_id = ?1 AND n.client_id = ?2)",
+    )
+    .bind(site)
+    .bind(client)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(map_err)?;
+    Ok((count_from_db(notes)?, count_from_db(revisions)?))
+}
+
+/// Refuses a write for a client whose erasure has begun. Call inside the write transaction.
+pub(super) async fn check_client_writable(
+    conn: &mut SqliteConnection,
+    site: &str,
+    client: &str,
+) -> Result<(), StoreError> {
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM client_keys WHERE site_id = ?1 AND client_id = ?2")
+            .bind(site)
+            .bind(client)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(map_err)?;
+    match state.as_deref().map(ClientState::parse).transpose()? {
+        None | Some(ClientState::Active) => Ok(()),
+        Some(other) => Err(StoreError::ClientNotActive(other.as_str())),
+    }
+}
+
+#[async_trait]
+impl RewrapStore for SqliteStore {
+    async fn rewrap_page(
+        &self,
+        kms_key_id: Option<&str>,
+        after: Option<(Uuid, u32)>,
+        limit: u32,
+    ) -> Result<Vec<RewrapRow>, StoreError> {
+        let (after_id, after_rev) = match after {
+            Some((id, rev)) => (Some(id_text(id)), i64::from(rev)),
+            None => (None, 0),
+        };
+        let rows = sqlx::query(
+            "SELECT r.note_id, r.revision, n.site_id, n.client_id, r.kms_key_id, \
+             r.kms_key_version, r.wrapped_key FROM note_revisions r \
+             JOIN notes n ON n.note_id = r.note_id \
+             WHERE (?1 IS NULL OR r.kms_key_id = ?1) \
+             AND (?2 IS NULL OR (r.note_id, r.revision) > (?2, ?3)) \
+             ORDER BY r.note_id, r.revision LIMIT ?4",
+        )
+        .bind(kms_key_id)
+        .bind(after_id)
+        .bind(after_rev)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                let note_id: String = row.try_get("note_id").map_err(map_err)?;
+                Ok(RewrapRow {
+                    note_id: parse_id(&note_id)?,
+                    revision: revision_from_db(row.try_get("revision").map_err(map_err)?)?,
+                    site_id: row.try_get("site_id").map_err(map_err)?,
+                    client_id: row.try_get("client_id").map_err(map_err)?,
+                    kms_key_id: row.try_get("kms_key_id").map_err(map_err)?,
+                    kms_key_version: revision_from_db(
+                        row.try_get("kms_key_version").map_err(map_err)?,
+                    )?,
+                    wrapped_key: row.try_get("wrapped_key").map_err(map_err)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn apply_rewraps(&self, updates: &[RewrapUpdate]) -> Result<u64, StoreError> {
+        if updates.is_empty() {
+            return Ok(0);
+        }
+        immediate!(self, |conn| async move {
+            let mut applied = 0;
+            for u in updates {
+                applied += sqlx::query(
+                    "UPDATE note_revisions SET wrapped_key = ?3, kms_key_id = ?4, \
+                     kms_key_version = ?5 WHERE note_id = ?1 AND revision = ?2 \
+                     AND wrapped_key = ?6",
+                )
+                .bind(id_text(u.note_id))
+                .bind(i64::from(u.revision))
+                .bind(u.new_wrapped_key.as_slice())
+                .bind(&u.kms_key_id)
+                .bind(i64::from(u.kms_key_version))
+                .bind(u.old_wrapped_key.as_slice())
+                .execute(&mut *conn)
+                .await
+                .map_err(map_err)?
+                .rows_affected();
+            }
+            Ok::<_, StoreError>(applied)
+        })
+    }
+
+    async fn key_usage(&self) -> Result<Vec<KeyUsage>, StoreError> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT kms_key_id, kms_key_version, count(*) FROM note_revisions \
+             GROUP BY kms_key_id, kms_key_version ORDER BY kms_key_id, kms_key_version",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(map_err)?;
+        rows.into_iter()
+            .map(|(kms_key_id, version, n)| {
+                Ok(KeyUsage {
+                    kms_key_id,
+                    kms_key_version: revision_from_db(version)?,
+                    revisions: count_from_db(n)?,
+                })
+            })
+            .collect()
+    }
+}
