@@ -1,5 +1,5 @@
 //! The per-client key hierarchy: every client of a site has its own KMS master key (alias from
-//! `kms.client_key_alias`, by default `{kms_key}/{site}/clients/{client}`), under which the data key
+//! `kms.client_key_alias`, by default `{kms_key}/clients/{client}`), under which the data key
 //! of each of its note revisions is wrapped. Erasing the client destroys that one key in the
 //! HSM, which makes every copy of the client's wrapped data keys useless, backups included.
 //!

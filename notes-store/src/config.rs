@@ -96,8 +96,10 @@ pub struct KmsSection {
     /// `client_key_alias`, under which its notes' data keys are wrapped.
     pub kms_key: String,
     /// Alias of a client's KMS key: `{kms_key}`, `{site}` and `{client}` are replaced.
-    /// Default `"{kms_key}/{site}/clients/{client}"`: the same client id at two sites gets two
-    /// keys, and a per-site KMS policy (`notes/{site}/*`) covers them.
+    /// Default `"{kms_key}/clients/{client}"`, for the usual one notes-store per site whose
+    /// `kms_key` is the site's prefix (`notes/a`). A notes-store serving several sites from
+    /// one prefix must include `{site}`: the same client id at two sites must not share a key
+    /// (refused with FAILED_PRECONDITION when it would).
     #[serde(default = "default_client_key_alias")]
     pub client_key_alias: String,
     /// Automatic rotation period of new client keys, in seconds (0 = none).
@@ -132,7 +134,7 @@ impl Default for LogSection {
 }
 
 fn default_client_key_alias() -> String {
-    "{kms_key}/{site}/clients/{client}".into()
+    "{kms_key}/clients/{client}".into()
 }
 fn default_max_body() -> usize {
     64 * 1024
@@ -294,7 +296,7 @@ mod tests {
         assert!(cfg.server.listen.ip().is_loopback());
         assert_eq!(cfg.server.max_body_bytes, 64 * 1024);
         assert_eq!(cfg.kms.kms_key, "notes");
-        assert_eq!(cfg.client_key_alias("a", "c-1"), "notes/a/clients/c-1");
+        assert_eq!(cfg.client_key_alias("a", "c-1"), "notes/clients/c-1");
         assert!(cfg.callers.iter().all(|c| !c.may_erase && !c.may_hold));
     }
 

@@ -118,6 +118,8 @@ ca = "{pki}/ca.pem"
 client_cert = "{kms_cert}"
 client_key = "{kms_key_file}"
 kms_key = "{NOTES_KEY}"
+# One test notes-store serves every site from one prefix: the site goes into the alias.
+client_key_alias = "{{kms_key}}/{{site}}/clients/{{client}}"
 request_timeout_ms = 3000
 connect_timeout_ms = 1000
 max_retries = 0
