@@ -149,6 +149,27 @@ expect_refused FAILED_PRECONDITION kmsctl decrypt --blob "$blob" "${ctx[@]}"
 admin key enable "$alias" >/dev/null
 kmsctl --json decrypt --blob "$blob" "${ctx[@]}" >/dev/null && ok "decrypts again after enable"
 
+step "Rotate: a new version in the $device becomes primary; blobs of version 1 still decrypt"
+admin key rotate "$alias" >/dev/null
+admin key versions "$alias"
+dk2=$(kmsctl --json datakey generate "$alias" "${ctx[@]}")
+[[ $(jq -r .key_version <<<"$dk2") == 2 ]] || fail "new data keys are not wrapped under version 2"
+ok "new data keys are wrapped under version 2"
+kmsctl --json decrypt --blob "$blob" "${ctx[@]}" >/dev/null && ok "the version 1 blob still decrypts"
+
+step "Raising the minimum decryption version retires version 1's blobs"
+admin key set-min-version "$alias" 2 >/dev/null
+expect_refused FAILED_PRECONDITION kmsctl decrypt --blob "$blob" "${ctx[@]}"
+kmsctl --json decrypt --blob "$(jq -r .ciphertext_blob <<<"$dk2")" "${ctx[@]}" >/dev/null &&
+    ok "the version 2 blob decrypts"
+
+step "Schedule the key's deletion (30 days), then cancel it: it comes back DISABLED"
+admin key schedule-deletion "$alias" >/dev/null
+expect_refused FAILED_PRECONDITION kmsctl datakey generate "$alias" "${ctx[@]}"
+admin key cancel-deletion "$alias" >/dev/null
+[[ $(admin --json key describe "$alias" | jq -r .state) == DISABLED ]] || fail "not DISABLED"
+admin key enable "$alias" >/dev/null && ok "cancelled, DISABLED, enabled again"
+
 step "Only auditors may read the audit log"
 expect_refused PERMISSION_DENIED kmsctl audit query
 

@@ -65,6 +65,26 @@ async fn key_commands_in_text_and_json() {
     );
     assert_eq!(field(&text, "next_rotation_at"), Some("-"), "{text}");
 
+    let text = stdout(&kmsctl(pki.path(), &s.url, &["key", "versions", "notes"]).await);
+    let lines: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        ["VERSION", "STATE", "PRIMARY", "CREATED_AT"],
+        "{text}"
+    );
+    assert_eq!(lines[1], ["1", "ENABLED", "2023-11-15T22:13:20Z"], "{text}");
+    assert_eq!(
+        lines[2],
+        ["2", "ENABLED", "yes", "2023-11-16T22:13:20Z"],
+        "{text}"
+    );
+    let v = json(&kmsctl(pki.path(), &s.url, &["--json", "key", "versions", "notes"]).await);
+    assert_eq!(v["versions"][1]["primary"], true, "{v}");
+    assert_eq!(v["versions"][0]["version"], 1, "{v}");
+
     let v = json(&kmsctl(pki.path(), &s.url, &["--json", "key", "disable", "k"]).await);
     assert_eq!(v["state"], "DISABLED");
 

@@ -96,9 +96,17 @@ impl KeyManagementService for Svc {
         r: Request<pb::ListKeyVersionsRequest>,
     ) -> Result<Response<pb::ListKeyVersionsResponse>, Status> {
         self.gate(&r).await?;
-        Err(Status::unimplemented(
-            "the transport tests do not use key lifecycle RPCs",
-        ))
+        // Two versions, the second primary (for kmsctl's rendering).
+        let version = |v: u32, primary: bool| pb::KeyVersion {
+            version: v,
+            state: pb::KeyVersionState::Enabled as i32,
+            primary,
+            created_at_unix_ms: 1_700_000_000_000 + i64::from(v) * 86_400_000,
+            ..Default::default()
+        };
+        Ok(Response::new(pb::ListKeyVersionsResponse {
+            versions: vec![version(1, false), version(2, true)],
+        }))
     }
     async fn enable_key_version(
         &self,

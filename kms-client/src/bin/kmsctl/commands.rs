@@ -14,7 +14,7 @@ use crate::{
         to_context, Cli, Command, DatakeyCommand, DecryptArgs, EncryptArgs, KeyCommand, PkiCommand,
         ReEncryptArgs,
     },
-    output::{b64, from_b64, key_fields, timestamp, Report},
+    output::{b64, from_b64, key_fields, Report},
 };
 
 /// Runs the command named on the command line.
@@ -149,19 +149,7 @@ async fn key(kms: &KmsClient, command: &KeyCommand) -> anyhow::Result<Report> {
             return Ok(Report::Fields(fields));
         }
         KeyCommand::Versions(k) => {
-            let versions = kms.list_key_versions(&k.key_ref).await?;
-            let rows: Vec<_> = versions
-                .iter()
-                .map(|v| {
-                    json!({
-                        "version": v.version,
-                        "state": v.state.as_str(),
-                        "primary": v.primary,
-                        "created_at": timestamp(v.created_at_unix_ms),
-                    })
-                })
-                .collect();
-            return Ok(Report::Fields(vec![("versions", json!(rows))]));
+            return Ok(Report::Versions(kms.list_key_versions(&k.key_ref).await?));
         }
         KeyCommand::EnableVersion(v) | KeyCommand::DisableVersion(v) => {
             let enable = matches!(command, KeyCommand::EnableVersion(_));

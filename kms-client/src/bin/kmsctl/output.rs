@@ -2,7 +2,7 @@
 //! rendered itself), printed either as aligned text or as JSON.
 
 use base64::{engine::general_purpose::STANDARD, Engine};
-use kms_client::KeyMetadata;
+use kms_client::{KeyMetadata, KeyVersion};
 use serde_json::{json, Map, Value};
 use time::{
     format_description::{well_known::Rfc3339, BorrowedFormatItem},
@@ -16,6 +16,8 @@ pub enum Report {
     Fields(Vec<(&'static str, Value)>),
     /// A table of keys / `{"keys": [...]}`.
     Keys(Vec<KeyMetadata>),
+    /// A table of a key's versions / `{"versions": [...]}`.
+    Versions(Vec<KeyVersion>),
     /// Text the command rendered itself (in the form `--json` asked for), and whether the
     /// command succeeded: a failed verification prints its verdict and exits with 1.
     Rendered { text: String, success: bool },
@@ -38,6 +40,11 @@ impl Report {
                 format!("{}\n", json!({ "keys": keys }))
             }
             (Report::Keys(keys), false) => render_table(keys),
+            (Report::Versions(versions), true) => {
+                let rows: Vec<Value> = versions.iter().map(version_json).collect();
+                format!("{}\n", json!({ "versions": rows }))
+            }
+            (Report::Versions(versions), false) => render_versions(versions),
             (Report::Rendered { text, .. }, _) => text.clone(),
         }
     }
@@ -46,7 +53,7 @@ impl Report {
     pub fn success(&self) -> bool {
         match self {
             Report::Rendered { success, .. } => *success,
-            Report::Fields(_) | Report::Keys(_) => true,
+            Report::Fields(_) | Report::Keys(_) | Report::Versions(_) => true,
         }
     }
 }
@@ -98,6 +105,33 @@ fn key_json(key: &KeyMetadata) -> Value {
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
     )
+}
+
+fn version_json(v: &KeyVersion) -> Value {
+    json!({
+        "version": v.version,
+        "state": v.state.as_str(),
+        "primary": v.primary,
+        "created_at": timestamp(v.created_at_unix_ms),
+    })
+}
+
+/// `VERSION  STATE  PRIMARY  CREATED_AT`, one line per version.
+fn render_versions(versions: &[KeyVersion]) -> String {
+    let mut out = format!(
+        "{:<8} {:<10} {:<8} {}\n",
+        "VERSION", "STATE", "PRIMARY", "CREATED_AT"
+    );
+    for v in versions {
+        out.push_str(&format!(
+            "{:<8} {:<10} {:<8} {}\n",
+            v.version,
+            v.state.as_str(),
+            if v.primary { "yes" } else { "" },
+            timestamp(v.created_at_unix_ms)
+        ));
+    }
+    out
 }
 
 /// RFC 3339 UTC, or the raw number if out of range.
