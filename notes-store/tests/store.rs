@@ -677,6 +677,22 @@ async fn rewrap_pages_and_conditional_updates(db: TestDb) {
     assert!(seen.iter().all(|r| r.site_id == "a" && r.client_id == "c1"));
     let key = "9f0c1e0e-0000-4000-8000-000000000001";
     assert_eq!(s.rewrap_page(Some(key), None, 100).await.unwrap().len(), 6);
+    // The same walk filtered by key, in pages of 4: 4 then the 2 after the 4th.
+    let first = s.rewrap_page(Some(key), None, 4).await.unwrap();
+    let last = first.last().map(|r| (r.note_id, r.revision));
+    let rest = s.rewrap_page(Some(key), last, 4).await.unwrap();
+    let walked: Vec<_> = first
+        .iter()
+        .chain(&rest)
+        .map(|r| (r.note_id, r.revision))
+        .collect();
+    let all: Vec<_> = seen.iter().map(|r| (r.note_id, r.revision)).collect();
+    assert_eq!(walked, all);
+    assert!(s
+        .rewrap_page(Some("other"), last, 4)
+        .await
+        .unwrap()
+        .is_empty());
     assert!(s
         .rewrap_page(Some("other"), None, 100)
         .await

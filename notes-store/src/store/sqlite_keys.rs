@@ -344,25 +344,44 @@ impl RewrapStore for SqliteStore {
         after: Option<(Uuid, u32)>,
         limit: u32,
     ) -> Result<Vec<RewrapRow>, StoreError> {
-        let (after_id, after_rev) = match after {
-            Some((id, rev)) => (Some(id_text(id)), i64::from(rev)),
-            None => (None, 0),
+        // One statement per shape: an `(?1 IS NULL OR ...)` condition keeps SQLite from
+        // using the primary key for the range, and every page would scan from the start.
+        macro_rules! select {
+            ($tail:literal) => {
+                concat!(
+                    "SELECT r.note_id, r.revision, n.site_id, n.client_id, r.kms_key_id, \
+                     r.kms_key_version, r.wrapped_key FROM note_revisions r \
+                     JOIN notes n ON n.note_id = r.note_id ",
+                    $tail,
+                    " ORDER BY r.note_id, r.revision"
+                )
+            };
+        }
+        const ALL_FIRST: &str = concat!(select!(""), " LIMIT ?1");
+        const ALL_AFTER: &str = concat!(
+            select!("WHERE (r.note_id, r.revision) > (?1, ?2)"),
+            " LIMIT ?3"
+        );
+        const KEY_FIRST: &str = concat!(select!("WHERE r.kms_key_id = ?1"), " LIMIT ?2");
+        const KEY_AFTER: &str = concat!(
+            select!("WHERE r.kms_key_id = ?1 AND (r.note_id, r.revision) > (?2, ?3)"),
+            " LIMIT ?4"
+        );
+        let limit = i64::from(limit);
+        let query = match (kms_key_id, after) {
+            (None, None) => sqlx::query(ALL_FIRST).bind(limit),
+            (None, Some((id, rev))) => sqlx::query(ALL_AFTER)
+                .bind(id_text(id))
+                .bind(i64::from(rev))
+                .bind(limit),
+            (Some(key), None) => sqlx::query(KEY_FIRST).bind(key.to_owned()).bind(limit),
+            (Some(key), Some((id, rev))) => sqlx::query(KEY_AFTER)
+                .bind(key.to_owned())
+                .bind(id_text(id))
+                .bind(i64::from(rev))
+                .bind(limit),
         };
-        let rows = sqlx::query(
-            "SELECT r.note_id, r.revision, n.site_id, n.client_id, r.kms_key_id, \
-             r.kms_key_version, r.wrapped_key FROM note_revisions r \
-             JOIN notes n ON n.note_id = r.note_id \
-             WHERE (?1 IS NULL OR r.kms_key_id = ?1) \
-             AND (?2 IS NULL OR (r.note_id, r.revision) > (?2, ?3)) \
-             ORDER BY r.note_id, r.revision LIMIT ?4",
-        )
-        .bind(kms_key_id)
-        .bind(after_id)
-        .bind(after_rev)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(map_err)?;
+        let rows = query.fetch_all(&self.pool).await.map_err(map_err)?;
         rows.iter()
             .map(|row| {
                 let note_id: String = row.try_get("note_id").map_err(map_err)?;
