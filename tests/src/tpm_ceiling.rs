@@ -10,15 +10,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _, Result};
 use tss_esapi::attributes::ObjectAttributesBuilder;
-use tss_esapi::handles::KeyHandle;
+use tss_esapi::constants::tss::TPM2_TRANSIENT_FIRST;
+use tss_esapi::constants::CapabilityType;
+use tss_esapi::handles::{KeyHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm, SymmetricMode};
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::AuthSession;
 use tss_esapi::structures::{
-    Digest, EccPoint, InitialValue, KeyedHashScheme, MaxBuffer, Public, PublicBuilder,
-    PublicEccParametersBuilder, PublicKeyedHashParameters, SymmetricCipherParameters,
-    SymmetricDefinitionObject,
+    CapabilityData, Digest, EccPoint, InitialValue, KeyedHashScheme, MaxBuffer, Public,
+    PublicBuilder, PublicEccParametersBuilder, PublicKeyedHashParameters,
+    SymmetricCipherParameters, SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::Context;
@@ -82,12 +84,29 @@ fn storage_primary() -> Result<Public> {
         .build()?)
 }
 
+/// Flushes the transient objects a killed kms-server left loaded (the TPM has only 3 slots;
+/// the drift check after the load would fail with TPM_RC_OBJECT_MEMORY).
+fn flush_transients(ctx: &mut Context) -> Result<()> {
+    let (data, _more) = ctx.get_capability(CapabilityType::Handles, TPM2_TRANSIENT_FIRST, 64)?;
+    if let CapabilityData::Handles(list) = data {
+        for handle in list.into_inner() {
+            if let TpmHandle::Transient(_) = handle {
+                let object = ctx.tr_from_tpm_public(handle)?;
+                ctx.flush_context(object)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 impl TpmCeiling {
     /// Connects (the TPM must not be in use by anyone else: swtpm serves one connection at a
     /// time) and loads an AES and an HMAC key under a fresh storage primary.
     pub fn open(tcti: &str) -> Result<TpmCeiling> {
         let conf = TctiNameConf::from_str(tcti).map_err(|e| anyhow!("TCTI {tcti}: {e}"))?;
         let mut ctx = Context::new(conf).context("connecting to the TPM")?;
+        // Before the password session: GetCapability takes no authorization.
+        flush_transients(&mut ctx)?;
         ctx.set_sessions((Some(AuthSession::Password), None, None));
         let primary = ctx
             .create_primary(Hierarchy::Owner, storage_primary()?, None, None, None, None)
