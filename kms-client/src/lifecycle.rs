@@ -89,7 +89,7 @@ fn required_version(method: &'static str, v: Option<pb::KeyVersion>) -> Result<K
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ErasureReceipt {
     pub key: KeyMetadata,
-    /// Canonical JSON (README "Erasure receipts").
+    /// Canonical JSON (README "Key lifecycle", crypto-shredding).
     pub receipt: Vec<u8>,
     /// ECDSA P-256 over SHA-256(receipt), raw r||s.
     pub signature: Vec<u8>,
