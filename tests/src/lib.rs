@@ -5,6 +5,7 @@
 //! Binaries are taken from `target/<profile>/` (build them first: `cargo build --workspace
 //! --bins`, as `make test` does) or from `KMS_SERVER_BIN`.
 
+pub mod hsm_ceiling;
 pub mod notes;
 pub mod pg;
 pub mod swtpm;
@@ -30,6 +31,8 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 pub const CLIENTS: &[&str] = &["admin", "app", "notes-store", "auditor"];
 /// The client that the harness policy makes an auditor (may call the AuditService).
 pub const AUDITOR: &str = "auditor";
+/// The label of the SoftHSM token each test server gets.
+pub const TOKEN_LABEL: &str = "kms-e2e";
 
 /// The policy every test server gets unless `ServerOptions::policy` says otherwise: "admin" is
 /// key-admin, "auditor" auditor, "app" and "notes-store" services on every key without context
@@ -167,7 +170,7 @@ impl KmsServer {
         let token_dir = root.join("softhsm");
         let pki_dir = root.join("pki");
         // One token per server, so servers (and tests) run in parallel without sharing state.
-        init_token(&token_dir, "kms-e2e")?;
+        init_token(&token_dir, TOKEN_LABEL)?;
         let clients: Vec<String> = CLIENTS.iter().map(|s| s.to_string()).collect();
         kms_client::pki::init_dev_pki(&pki_dir, &["localhost".to_string()], &clients)
             .map_err(|e| anyhow!("dev PKI: {e}"))?;

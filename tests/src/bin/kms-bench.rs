@@ -20,22 +20,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-use cryptoki::error::{Error as CkError, RvError};
-use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
-use cryptoki::types::AuthPin;
 use kms_proto::kms::v1 as pb;
 use kms_proto::kms::v1::key_management_service_client::KeyManagementServiceClient;
+use kms_tests::hsm_ceiling::HsmCeiling;
 use kms_tests::tpm_ceiling::TpmCeiling;
-use kms_tests::{wire_ctx, KmsServer, ServerOptions, Swtpm, PIN};
-use rand::RngCore;
+use kms_tests::{wire_ctx, KmsServer, ServerOptions, Swtpm};
 use tonic::transport::Channel;
 
-/// The label `KmsServer::start` gives its token.
-const TOKEN_LABEL: &str = "kms-e2e";
 /// The server seals with AAD = 26-byte envelope header || canonical context: about this long
 /// for the bench's three-pair contexts.
 const CEILING_AAD_LEN: usize = 80;
@@ -189,8 +180,8 @@ async fn run(args: Args) -> Result<()> {
     let conf = server.token_dir.join("softhsm2.conf");
     let ceiling_time = Duration::from_secs(args.ceiling_seconds.max(1));
     let (hsm, ceiling) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let hsm = Ceiling::open(&conf)?;
-        let rate = hsm.measure(ceiling_time)?;
+        let hsm = HsmCeiling::open(&conf, "kms-bench-ceiling", CEILING_AAD_LEN, "kms-bench")?;
+        let rate = hsm.measure(ceiling_time)?.ops_per_s;
         Ok((hsm, rate))
     })
     .await
@@ -309,9 +300,11 @@ async fn run(args: Args) -> Result<()> {
     }
 
     // Not used in the ratios: shows how much the machine's speed drifted during the run.
-    let after = tokio::task::spawn_blocking(move || hsm.measure(Duration::from_secs(1)))
-        .await
-        .context("ceiling task")??;
+    let after = tokio::task::spawn_blocking(move || {
+        hsm.measure(Duration::from_secs(1)).map(|r| r.ops_per_s)
+    })
+    .await
+    .context("ceiling task")??;
     eprintln!(
         "kms-bench: HSM ceiling again after the load (1 s, drift check only): {after:.0} ops/s \
          ({:+.0}%)",
@@ -432,132 +425,6 @@ fn load_average() -> String {
         .ok()
         .and_then(|s| s.split_whitespace().next().map(str::to_string))
         .unwrap_or_else(|| "?".into())
-}
-
-/// A session on the server's token with a throwaway AES-256 key, for the raw HSM rate. The
-/// key is a token object with the server's master-key template (sensitive, never extractable)
-/// and is destroyed on drop.
-struct Ceiling {
-    session: Session,
-    key: ObjectHandle,
-    // Keeps the module initialised while the session lives (fields drop in this order).
-    _ctx: Pkcs11,
-}
-
-impl Ceiling {
-    /// Loads the PKCS#11 module for the token at `softhsm_conf`. Once per process.
-    fn open(softhsm_conf: &Path) -> Result<Ceiling> {
-        // SoftHSM reads its configuration in C_Initialize; this process has not loaded it yet.
-        std::env::set_var("SOFTHSM2_CONF", softhsm_conf);
-        let module = kms_tests::pkcs11_module();
-        let ctx = Pkcs11::new(&module).with_context(|| format!("loading {}", module.display()))?;
-        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-            .context("C_Initialize")?;
-        let slot = ctx
-            .get_slots_with_initialized_token()?
-            .into_iter()
-            .find(|s| {
-                ctx.get_token_info(*s)
-                    .map(|i| i.label().trim_end() == TOKEN_LABEL)
-                    .unwrap_or(false)
-            })
-            .ok_or_else(|| {
-                anyhow!(
-                    "no token labelled {TOKEN_LABEL} in {}",
-                    softhsm_conf.display()
-                )
-            })?;
-        let session = ctx.open_rw_session(slot)?;
-        match session.login(UserType::User, Some(&AuthPin::from(PIN))) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(e) => return Err(e).context("C_Login"),
-        }
-        let label = b"kms-bench-ceiling".to_vec();
-        let template = [
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::ValueLen(32.into()),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Modifiable(false),
-            Attribute::Encrypt(true),
-            Attribute::Decrypt(true),
-            Attribute::Sign(false),
-            Attribute::Verify(false),
-            Attribute::Derive(false),
-            Attribute::Wrap(false),
-            Attribute::Unwrap(false),
-            Attribute::Label(label.clone()),
-            Attribute::Id(label),
-        ];
-        let key = session
-            .generate_key(&Mechanism::AesKeyGen, &template)
-            .context("generating the ceiling key")?;
-        Ok(Ceiling {
-            _ctx: ctx,
-            session,
-            key,
-        })
-    }
-
-    /// Single-thread C_Encrypt(CKM_AES_GCM) rate over `duration`: 32 bytes, a fresh random
-    /// 96-bit IV per call (as the server does), 128-bit tag, server-sized AAD.
-    fn measure(&self, duration: Duration) -> Result<f64> {
-        let mut aad = [0u8; CEILING_AAD_LEN];
-        let mut data = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut aad);
-        rand::rngs::OsRng.fill_bytes(&mut data);
-        let seal = || -> Result<()> {
-            let mut iv = [0u8; 12];
-            rand::rngs::OsRng.fill_bytes(&mut iv);
-            let params = GcmParams::new(&mut iv, &aad, 128.into())?;
-            let out = self
-                .session
-                .encrypt(&Mechanism::AesGcm(params), self.key, &data)?;
-            if out.len() != 48 {
-                bail!("AES-GCM of 32 bytes gave {} bytes", out.len());
-            }
-            Ok(())
-        };
-        for _ in 0..500 {
-            seal()?;
-        }
-        // One-second slices, to show how steady the machine is.
-        let started = Instant::now();
-        let mut ops = 0u64;
-        let mut slices = Vec::new();
-        while started.elapsed() < duration {
-            let slice_start = Instant::now();
-            let mut n = 0u64;
-            while slice_start.elapsed() < Duration::from_secs(1) && started.elapsed() < duration {
-                seal()?;
-                n += 1;
-            }
-            ops += n;
-            slices.push(n as f64 / slice_start.elapsed().as_secs_f64());
-        }
-        let rate = ops as f64 / started.elapsed().as_secs_f64();
-        let (lo, hi) = slices
-            .iter()
-            .fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-        eprintln!(
-            "kms-bench: HSM ceiling (C_Encrypt CKM_AES_GCM, 32 B, 1 thread, {:.0} s): {rate:.0} ops/s \
-             ({:.1} µs/op; 1-s slices {lo:.0}..{hi:.0})",
-            duration.as_secs_f64(),
-            1e6 / rate
-        );
-        Ok(rate)
-    }
-}
-
-impl Drop for Ceiling {
-    fn drop(&mut self) {
-        if let Err(e) = self.session.destroy_object(self.key) {
-            eprintln!("kms-bench: could not destroy the ceiling key: {e}");
-        }
-    }
 }
 
 /// A blob to decrypt: (blob, context, expected plaintext).

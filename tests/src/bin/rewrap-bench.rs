@@ -17,7 +17,6 @@
 //!
 //! Progress goes to stderr; stdout carries one JSON line (`"bench":"rewrap"`).
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,22 +24,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
-use cryptoki::error::{Error as CkError, RvError};
-use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
-use cryptoki::types::AuthPin;
 use kms_client::KmsClient;
-use kms_tests::{KmsServer, NotesOptions, NotesServer, ServerOptions, PIN};
+use kms_tests::hsm_ceiling::HsmCeiling;
+use kms_tests::{KmsServer, NotesOptions, NotesServer, ServerOptions};
 use notes_store::crypto::{self, Field, RevisionIds};
-use rand::RngCore;
 use serde_json::json;
 use sqlx::{Connection, SqliteConnection};
 
-/// The label `KmsServer::start` gives its token.
-const TOKEN_LABEL: &str = "kms-e2e";
 /// The server's AAD for a notes context: 26-byte header || canonical 4-pair context.
 const CEILING_AAD_LEN: usize = 120;
 const SITE: &str = "bench";
@@ -108,8 +98,13 @@ async fn run(args: Args) -> Result<()> {
     let conf = kms.token_dir.join("softhsm2.conf");
     let secs = Duration::from_secs(args.ceiling_seconds.max(1));
     let (hsm, ceiling) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let hsm = Ceiling::open(&conf)?;
-        let rate = hsm.measure(secs)?;
+        let hsm = HsmCeiling::open(
+            &conf,
+            "rewrap-bench-ceiling",
+            CEILING_AAD_LEN,
+            "rewrap-bench",
+        )?;
+        let rate = hsm.measure(secs)?.ops_per_s;
         Ok((hsm, rate))
     })
     .await??;
@@ -177,7 +172,10 @@ async fn run(args: Args) -> Result<()> {
     }
     let rate = s["rewrapped_per_second"].as_f64().unwrap_or(0.0);
     let half = ceiling / 2.0;
-    let after = tokio::task::spawn_blocking(move || hsm.measure(Duration::from_secs(1))).await??;
+    let after = tokio::task::spawn_blocking(move || {
+        hsm.measure(Duration::from_secs(1)).map(|r| r.ops_per_s)
+    })
+    .await??;
     verify_sample(&custodian, &db_url, 200).await?;
     eprintln!(
         "rewrap-bench: {rewrapped} blobs re-wrapped in {:.1} s ({rate:.0}/s; wall {wall:.1} s); \
@@ -415,98 +413,4 @@ fn sample_rss(stop: &AtomicBool, rewrap: u32, kms: u32) -> Rss {
         .max()
         .unwrap_or(0);
     rss
-}
-
-/// A session on the server's token with a throwaway AES-256 key, for the raw HSM rate (as
-/// kms-bench measures it: single-thread C_Encrypt CKM_AES_GCM of 32 bytes, fresh 96-bit IV).
-struct Ceiling {
-    session: Session,
-    key: ObjectHandle,
-    _ctx: Pkcs11,
-}
-
-impl Ceiling {
-    fn open(softhsm_conf: &Path) -> Result<Ceiling> {
-        std::env::set_var("SOFTHSM2_CONF", softhsm_conf);
-        let module: PathBuf = kms_tests::pkcs11_module();
-        let ctx = Pkcs11::new(&module).with_context(|| format!("loading {}", module.display()))?;
-        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))?;
-        let slot = ctx
-            .get_slots_with_initialized_token()?
-            .into_iter()
-            .find(|s| {
-                ctx.get_token_info(*s)
-                    .map(|i| i.label().trim_end() == TOKEN_LABEL)
-                    .unwrap_or(false)
-            })
-            .ok_or_else(|| anyhow!("no token labelled {TOKEN_LABEL}"))?;
-        let session = ctx.open_rw_session(slot)?;
-        match session.login(UserType::User, Some(&AuthPin::from(PIN))) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(e) => return Err(e).context("C_Login"),
-        }
-        let label = b"rewrap-bench-ceiling".to_vec();
-        let template = [
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::KeyType(KeyType::AES),
-            Attribute::ValueLen(32.into()),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Encrypt(true),
-            Attribute::Decrypt(true),
-            Attribute::Label(label.clone()),
-            Attribute::Id(label),
-        ];
-        let key = session.generate_key(&Mechanism::AesKeyGen, &template)?;
-        Ok(Ceiling {
-            _ctx: ctx,
-            session,
-            key,
-        })
-    }
-
-    fn measure(&self, duration: Duration) -> Result<f64> {
-        let mut aad = [0u8; CEILING_AAD_LEN];
-        let mut data = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut aad);
-        rand::rngs::OsRng.fill_bytes(&mut data);
-        let seal = || -> Result<()> {
-            let mut iv = [0u8; 12];
-            rand::rngs::OsRng.fill_bytes(&mut iv);
-            let params = GcmParams::new(&mut iv, &aad, 128.into())?;
-            let out = self
-                .session
-                .encrypt(&Mechanism::AesGcm(params), self.key, &data)?;
-            if out.len() != 48 {
-                bail!("AES-GCM of 32 bytes gave {} bytes", out.len());
-            }
-            Ok(())
-        };
-        for _ in 0..500 {
-            seal()?;
-        }
-        let started = Instant::now();
-        let mut ops = 0u64;
-        while started.elapsed() < duration {
-            seal()?;
-            ops += 1;
-        }
-        let rate = ops as f64 / started.elapsed().as_secs_f64();
-        eprintln!(
-            "rewrap-bench: HSM ceiling (C_Encrypt CKM_AES_GCM, 32 B, 1 thread, {:.0} s): \
-             {rate:.0} ops/s",
-            duration.as_secs_f64()
-        );
-        Ok(rate)
-    }
-}
-
-impl Drop for Ceiling {
-    fn drop(&mut self) {
-        if let Err(e) = self.session.destroy_object(self.key) {
-            eprintln!("rewrap-bench: could not destroy the ceiling key: {e}");
-        }
-    }
 }
