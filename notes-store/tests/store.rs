@@ -728,4 +728,54 @@ async fn rewrap_pages_and_conditional_updates(db: TestDb) {
         .map(|u| (u.kms_key_version, u.revisions))
         .collect();
     assert_eq!(counts, vec![(1, 3), (2, 3)]);
+
+    // A campaign-sized batch (more rows than one SQLite statement carries) applies whole,
+    // and only to the rows whose old blob it names.
+    let many: Vec<NoteRecord> = (0..600).map(|_| note("a", "c2", "2024-01-02")).collect();
+    for n in &many {
+        insert(s, n).await;
+    }
+    let mut rows = Vec::new();
+    let mut after = None;
+    loop {
+        let page = s.rewrap_page(Some(key), after, 1000).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        after = page.last().map(|r| (r.note_id, r.revision));
+        rows.extend(page.into_iter().filter(|r| r.client_id == "c2"));
+    }
+    assert_eq!(rows.len(), 600);
+    let big: Vec<RewrapUpdate> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            // Every tenth names a blob the row does not hold: a race lost.
+            let old = if i % 10 == 0 {
+                vec![9; 80]
+            } else {
+                r.wrapped_key.clone()
+            };
+            RewrapUpdate {
+                new_wrapped_key: vec![(i % 251) as u8; 81],
+                ..update(r, old)
+            }
+        })
+        .collect();
+    assert_eq!(s.apply_rewraps(&big).await.unwrap(), 540);
+    assert_eq!(s.apply_rewraps(&big).await.unwrap(), 0);
+    for (i, r) in rows.iter().enumerate() {
+        let stored = s
+            .get_revision(r.note_id, r.revision)
+            .await
+            .unwrap()
+            .unwrap();
+        if i % 10 == 0 {
+            assert_eq!(stored.wrapped_key, r.wrapped_key);
+            assert_eq!(stored.meta.kms_key_version, 1);
+        } else {
+            assert_eq!(stored.wrapped_key, vec![(i % 251) as u8; 81]);
+            assert_eq!(stored.meta.kms_key_version, 2);
+        }
+    }
 }
