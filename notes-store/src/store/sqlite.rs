@@ -63,7 +63,12 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // A multi-row UPDATE (re-wrap campaigns) keeps a statement journal of every page
+            // it changes, so a failure halfway undoes only that statement. In memory it is a
+            // copy; in a temporary file it was a write and a close per statement. It holds
+            // what the database file holds (ciphertext and ids), never plaintext.
+            .pragma("temp_store", "MEMORY");
         let created = sqlite_file::create_private_file(&path)
             .await
             .map_err(StoreError::Internal)?;
