@@ -660,14 +660,17 @@ async fn rewrap_pages_and_conditional_updates(db: TestDb) {
     s.add_revision(&revision(notes[0].note_id, 2), 1)
         .await
         .unwrap();
-    // Keyset pages of 2 visit all 6 revisions once, in (note_id, revision) order.
+    let key = "9f0c1e0e-0000-4000-8000-000000000001";
+    // Keyset pages of 2 visit all 6 revisions under (key, version 1) once, in (note_id,
+    // revision) order.
     let mut seen = Vec::new();
     let mut after = None;
     loop {
-        let page = s.rewrap_page(None, after, 2).await.unwrap();
+        let page = s.rewrap_page(key, 1, after, 2).await.unwrap();
         if page.is_empty() {
             break;
         }
+        assert!(page.len() <= 2);
         after = page.last().map(|r| (r.note_id, r.revision));
         seen.extend(page);
     }
@@ -675,26 +678,24 @@ async fn rewrap_pages_and_conditional_updates(db: TestDb) {
     assert_eq!((seen[0].note_id, seen[0].revision), (notes[0].note_id, 1));
     assert_eq!((seen[1].note_id, seen[1].revision), (notes[0].note_id, 2));
     assert!(seen.iter().all(|r| r.site_id == "a" && r.client_id == "c1"));
-    let key = "9f0c1e0e-0000-4000-8000-000000000001";
-    assert_eq!(s.rewrap_page(Some(key), None, 100).await.unwrap().len(), 6);
-    // The same walk filtered by key, in pages of 4: 4 then the 2 after the 4th.
-    let first = s.rewrap_page(Some(key), None, 4).await.unwrap();
-    let last = first.last().map(|r| (r.note_id, r.revision));
-    let rest = s.rewrap_page(Some(key), last, 4).await.unwrap();
-    let walked: Vec<_> = first
+    assert!(seen
         .iter()
-        .chain(&rest)
-        .map(|r| (r.note_id, r.revision))
-        .collect();
-    let all: Vec<_> = seen.iter().map(|r| (r.note_id, r.revision)).collect();
-    assert_eq!(walked, all);
+        .all(|r| r.kms_key_id == key && r.kms_key_version == 1));
+    let walked: Vec<_> = seen.iter().map(|r| (r.note_id, r.revision)).collect();
+    let mut sorted = walked.clone();
+    sorted.sort();
+    assert_eq!(walked, sorted);
+    assert_eq!(s.rewrap_page(key, 1, None, 100).await.unwrap().len(), 6);
+    // Pages of 4: 4, then the 2 after the 4th.
+    let first = s.rewrap_page(key, 1, None, 4).await.unwrap();
+    let last = first.last().map(|r| (r.note_id, r.revision));
+    let rest = s.rewrap_page(key, 1, last, 4).await.unwrap();
+    assert_eq!((first.len(), rest.len()), (4, 2));
+    // Another version or another key: nothing.
+    assert!(s.rewrap_page(key, 2, None, 100).await.unwrap().is_empty());
+    assert!(s.rewrap_page("other", 1, last, 4).await.unwrap().is_empty());
     assert!(s
-        .rewrap_page(Some("other"), last, 4)
-        .await
-        .unwrap()
-        .is_empty());
-    assert!(s
-        .rewrap_page(Some("other"), None, 100)
+        .rewrap_page("other", 1, None, 100)
         .await
         .unwrap()
         .is_empty());
@@ -728,6 +729,9 @@ async fn rewrap_pages_and_conditional_updates(db: TestDb) {
         .map(|u| (u.kms_key_version, u.revisions))
         .collect();
     assert_eq!(counts, vec![(1, 3), (2, 3)]);
+    // Re-wrapped rows left (key, 1) for (key, 2).
+    assert_eq!(s.rewrap_page(key, 1, None, 100).await.unwrap().len(), 3);
+    assert_eq!(s.rewrap_page(key, 2, None, 100).await.unwrap().len(), 3);
 
     // A campaign-sized batch (more rows than one SQLite statement carries) applies whole,
     // and only to the rows whose old blob it names.
@@ -738,7 +742,7 @@ async fn rewrap_pages_and_conditional_updates(db: TestDb) {
     let mut rows = Vec::new();
     let mut after = None;
     loop {
-        let page = s.rewrap_page(Some(key), after, 1000).await.unwrap();
+        let page = s.rewrap_page(key, 1, after, 1000).await.unwrap();
         if page.is_empty() {
             break;
         }

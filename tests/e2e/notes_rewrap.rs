@@ -136,6 +136,22 @@ async fn rewrap_survives_sigkill_and_allows_raising_min_version() {
     let usage = dry["key_usage"].as_array().unwrap();
     assert_eq!(usage.len(), 3);
     assert!(usage.iter().all(|k| k["safe_min_decryption_version"] == 1));
+    // One key only: the campaign counts and would walk that key's revisions alone.
+    let one = &clients[2].0;
+    let of_one = count(
+        &notes,
+        &format!(
+            "SELECT count(*) FROM note_revisions r JOIN notes n ON n.note_id = r.note_id \
+             WHERE n.client_id = '{one}'"
+        ),
+    )
+    .await;
+    assert!(of_one > 0 && of_one < total);
+    let alias = format!("notes/site-r/clients/{one}");
+    let only = rewrap(&notes, &["--dry-run", "--key", &alias]);
+    assert_eq!(only["summary"]["scanned"], of_one, "{only}");
+    assert_eq!(only["summary"]["to_rewrap"], of_one, "{only}");
+    assert_eq!(only["summary"]["already_current"], 0, "{only}");
     assert_eq!(
         count(
             &notes,

@@ -1,12 +1,14 @@
 //! Re-wrap campaigns (`notes-store rewrap`) and key-usage reports (`notes-store key-usage`).
 //!
 //! After a KMS key is rotated, revisions keep their data keys wrapped under older versions
-//! until they are re-wrapped. A campaign walks every revision (optionally of one key) in
-//! (note_id, revision) order, page by page, picks those below their key's primary version
-//! (`DescribeKey`, once per key), re-wraps them with `BatchReEncrypt` (the plaintext data key
-//! never leaves the KMS; each blob keeps its encryption context and moves to its own key's
-//! primary version) and stores each new blob with a conditional update — only if the row still
-//! holds the blob that was re-wrapped — in one transaction per batch.
+//! until they are re-wrapped. A campaign counts the revisions per (key, version) (optionally of
+//! one key), learns each key's primary version (`DescribeKey`, once per key) and walks only the
+//! (key, version) pairs below it, each in (note_id, revision) order, page by page, along the
+//! `note_revisions_by_key_version` index: revisions already current are never read. It
+//! re-wraps them with `BatchReEncrypt` (the plaintext data key never leaves the KMS; each blob
+//! keeps its encryption context and moves to its own key's primary version) and stores each
+//! new blob with a conditional update — only if the row still holds the blob that was
+//! re-wrapped — in one transaction per batch.
 //!
 //! Resumable without a checkpoint: a campaign killed at any point (kill -9) leaves every row
 //! either with its old blob or with a new one, both decryptable; running it again re-wraps what
@@ -59,7 +61,7 @@ impl Default for Options {
             key: None,
             batch: 500,
             rate: None,
-            parallel: 2,
+            parallel: 3,
             dry_run: false,
             progress_interval: Duration::from_secs(2),
         }
@@ -69,7 +71,7 @@ impl Default for Options {
 /// The outcome of a campaign.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
-    /// Revisions looked at.
+    /// Revisions counted (of the chosen key, if any) when the campaign started.
     pub scanned: u64,
     /// Below their key's primary version when the campaign started (the progress total).
     pub to_rewrap: u64,
@@ -113,19 +115,26 @@ pub async fn run(store: Arc<dyn NoteStore>, kms: Kms, opts: &Options) -> anyhow:
         Some(k) => Some(kms.client().describe_key(k).await?.key_id),
         None => None,
     };
-    // The total for the progress display, and the primary version of every key in use.
+    // The total for the progress display, and which (key, version) pairs need re-wrapping.
     let mut keys: HashMap<String, KeyInfo> = HashMap::new();
     let mut summary = Summary {
         dry_run: opts.dry_run,
         ..Summary::default()
     };
+    let mut targets: Vec<(String, u32)> = Vec::new();
     for usage in store.key_usage().await? {
         if key_filter.as_ref().is_some_and(|k| *k != usage.kms_key_id) {
             continue;
         }
+        summary.scanned += usage.revisions;
         let info = key_info(&kms, &mut keys, &usage.kms_key_id).await?;
-        if info.usable && usage.kms_key_version < info.primary {
+        if !info.usable {
+            summary.skipped_unusable_key += usage.revisions;
+        } else if usage.kms_key_version >= info.primary {
+            summary.already_current += usage.revisions;
+        } else {
             summary.to_rewrap += usage.revisions;
+            targets.push((usage.kms_key_id, usage.kms_key_version));
         }
     }
     let mut progress = Progress::new(summary.to_rewrap, opts.progress_interval);
@@ -134,44 +143,38 @@ pub async fn run(store: Arc<dyn NoteStore>, kms: Kms, opts: &Options) -> anyhow:
         .map(|r| TokenBucket::new(r, opts.batch as f64, Instant::now()));
     let mut in_flight: JoinSet<anyhow::Result<BatchResult>> = JoinSet::new();
     let mut pending: Vec<RewrapRow> = Vec::with_capacity(opts.batch);
-    let mut after: Option<(Uuid, u32)> = None;
     let page = u32::try_from(opts.batch.max(500)).unwrap_or(1000);
     let mut done = 0u64;
-    loop {
-        let rows = store
-            .rewrap_page(key_filter.as_deref(), after, page)
-            .await?;
-        let last_page = rows.len() < page as usize;
-        if let Some(last) = rows.last() {
-            after = Some((last.note_id, last.revision));
-        }
-        for row in rows {
-            summary.scanned += 1;
-            let info = key_info(&kms, &mut keys, &row.kms_key_id).await?;
-            if !info.usable {
-                summary.skipped_unusable_key += 1;
-            } else if row.kms_key_version >= info.primary {
-                summary.already_current += 1;
-            } else {
+    for (key, version) in &targets {
+        // Re-wrapped rows leave this (key, version); the rows after the cursor stay put, so
+        // the keyset walk neither skips nor repeats any.
+        let mut after: Option<(Uuid, u32)> = None;
+        loop {
+            let rows = store.rewrap_page(key, *version, after, page).await?;
+            let last_page = rows.len() < page as usize;
+            if let Some(last) = rows.last() {
+                after = Some((last.note_id, last.revision));
+            }
+            for row in rows {
                 pending.push(row);
+                if pending.len() == opts.batch {
+                    let batch = std::mem::replace(&mut pending, Vec::with_capacity(opts.batch));
+                    done += submit(
+                        &mut in_flight,
+                        batch,
+                        &store,
+                        &kms,
+                        opts,
+                        &mut bucket,
+                        &mut summary,
+                    )
+                    .await?;
+                    progress.update(done, summary.rewrapped, summary.failed, false);
+                }
             }
-            if pending.len() == opts.batch {
-                let batch = std::mem::replace(&mut pending, Vec::with_capacity(opts.batch));
-                done += submit(
-                    &mut in_flight,
-                    batch,
-                    &store,
-                    &kms,
-                    opts,
-                    &mut bucket,
-                    &mut summary,
-                )
-                .await?;
-                progress.update(done, summary.rewrapped, summary.failed, false);
+            if last_page {
+                break;
             }
-        }
-        if last_page {
-            break;
         }
     }
     if !pending.is_empty() {

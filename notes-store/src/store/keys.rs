@@ -171,11 +171,13 @@ pub struct KeyUsage {
 /// What re-wrap campaigns need from the database.
 #[async_trait]
 pub trait RewrapStore: Send + Sync {
-    /// Up to `limit` revisions after `after` in (note_id, revision) order, optionally only
-    /// those wrapped under `kms_key_id`.
+    /// Up to `limit` revisions whose data keys are wrapped under version `kms_key_version` of
+    /// `kms_key_id`, after `after` in (note_id, revision) order (the order of the
+    /// `note_revisions_by_key_version` index).
     async fn rewrap_page(
         &self,
-        kms_key_id: Option<&str>,
+        kms_key_id: &str,
+        kms_key_version: u32,
         after: Option<(Uuid, u32)>,
         limit: u32,
     ) -> Result<Vec<RewrapRow>, StoreError>;

@@ -308,46 +308,36 @@ pub(super) async fn check_client_writable(
 impl RewrapStore for PostgresStore {
     async fn rewrap_page(
         &self,
-        kms_key_id: Option<&str>,
+        kms_key_id: &str,
+        kms_key_version: u32,
         after: Option<(Uuid, u32)>,
         limit: u32,
     ) -> Result<Vec<RewrapRow>, StoreError> {
-        // One statement per shape: an `($1 IS NULL OR ...)` condition can keep the planner
-        // from using the primary key for the range, and every page would scan from the start.
+        // One statement per shape: an `($3 IS NULL OR ...)` condition can keep the planner
+        // from using the index for the range, and every page would scan from the start.
         macro_rules! select {
             ($tail:literal) => {
                 concat!(
                     "SELECT r.note_id, r.revision, n.site_id, n.client_id, r.kms_key_id, \
                      r.kms_key_version, r.wrapped_key FROM note_revisions r \
-                     JOIN notes n ON n.note_id = r.note_id ",
+                     JOIN notes n ON n.note_id = r.note_id \
+                     WHERE r.kms_key_id = $1 AND r.kms_key_version = $2",
                     $tail,
                     " ORDER BY r.note_id, r.revision"
                 )
             };
         }
-        const ALL_FIRST: &str = concat!(select!(""), " LIMIT $1");
-        const ALL_AFTER: &str = concat!(
-            select!("WHERE (r.note_id, r.revision) > ($1::uuid, $2::bigint)"),
-            " LIMIT $3"
+        const FIRST: &str = concat!(select!(""), " LIMIT $3");
+        const AFTER: &str = concat!(
+            select!(" AND (r.note_id, r.revision) > ($3::uuid, $4::bigint)"),
+            " LIMIT $5"
         );
-        const KEY_FIRST: &str = concat!(select!("WHERE r.kms_key_id = $1"), " LIMIT $2");
-        const KEY_AFTER: &str = concat!(
-            select!("WHERE r.kms_key_id = $1 AND (r.note_id, r.revision) > ($2::uuid, $3::bigint)"),
-            " LIMIT $4"
-        );
-        let limit = i64::from(limit);
-        let query = match (kms_key_id, after) {
-            (None, None) => sqlx::query(ALL_FIRST).bind(limit),
-            (None, Some((id, rev))) => sqlx::query(ALL_AFTER)
-                .bind(id)
-                .bind(i64::from(rev))
-                .bind(limit),
-            (Some(key), None) => sqlx::query(KEY_FIRST).bind(key.to_owned()).bind(limit),
-            (Some(key), Some((id, rev))) => sqlx::query(KEY_AFTER)
-                .bind(key.to_owned())
-                .bind(id)
-                .bind(i64::from(rev))
-                .bind(limit),
+        let query = sqlx::query(if after.is_some() { AFTER } else { FIRST })
+            .bind(kms_key_id.to_owned())
+            .bind(i64::from(kms_key_version));
+        let query = match after {
+            None => query.bind(i64::from(limit)),
+            Some((id, rev)) => query.bind(id).bind(i64::from(rev)).bind(i64::from(limit)),
         };
         let rows = query.fetch_all(&self.pool).await.map_err(map_err)?;
         rows.iter()

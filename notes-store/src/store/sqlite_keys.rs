@@ -336,6 +336,26 @@ pub(super) async fn check_client_writable(
     }
 }
 
+/// One statement per shape of a re-wrap page: an `(?3 IS NULL OR ...)` condition keeps SQLite
+/// from using the index for the range, and every page would scan from the start.
+macro_rules! rewrap_select {
+    ($tail:literal) => {
+        concat!(
+            "SELECT r.note_id, r.revision, n.site_id, n.client_id, r.kms_key_id, \
+             r.kms_key_version, r.wrapped_key FROM note_revisions r \
+             JOIN notes n ON n.note_id = r.note_id \
+             WHERE r.kms_key_id = ?1 AND r.kms_key_version = ?2",
+            $tail,
+            " ORDER BY r.note_id, r.revision"
+        )
+    };
+}
+const REWRAP_PAGE_FIRST: &str = concat!(rewrap_select!(""), " LIMIT ?3");
+const REWRAP_PAGE_AFTER: &str = concat!(
+    rewrap_select!(" AND (r.note_id, r.revision) > (?3, ?4)"),
+    " LIMIT ?5"
+);
+
 /// Rows per re-wrap UPDATE: six parameters each, far below SQLite's limit of 32,766.
 const REWRAP_ROWS_PER_STATEMENT: usize = 250;
 
@@ -344,7 +364,7 @@ const REWRAP_ROWS_PER_STATEMENT: usize = 250;
 /// sqlx's SQLite worker thread cost more than the update itself. The unary `+` on v's columns
 /// keeps SQLite from indexing v and scanning the whole table against it (its choice for a
 /// few hundred rows): v is walked and each row found by primary key
-/// (`rewrap_update_uses_the_primary_key`).
+/// (`rewrap_statements_use_their_indexes`).
 pub(super) fn rewrap_statement(chunk: &[RewrapUpdate]) -> QueryBuilder<Sqlite> {
     let mut q = QueryBuilder::<Sqlite>::new(
         "WITH v (note_id, revision, new_key, key_id, key_version, old_key) AS (",
@@ -370,46 +390,24 @@ pub(super) fn rewrap_statement(chunk: &[RewrapUpdate]) -> QueryBuilder<Sqlite> {
 impl RewrapStore for SqliteStore {
     async fn rewrap_page(
         &self,
-        kms_key_id: Option<&str>,
+        kms_key_id: &str,
+        kms_key_version: u32,
         after: Option<(Uuid, u32)>,
         limit: u32,
     ) -> Result<Vec<RewrapRow>, StoreError> {
-        // One statement per shape: an `(?1 IS NULL OR ...)` condition keeps SQLite from
-        // using the primary key for the range, and every page would scan from the start.
-        macro_rules! select {
-            ($tail:literal) => {
-                concat!(
-                    "SELECT r.note_id, r.revision, n.site_id, n.client_id, r.kms_key_id, \
-                     r.kms_key_version, r.wrapped_key FROM note_revisions r \
-                     JOIN notes n ON n.note_id = r.note_id ",
-                    $tail,
-                    " ORDER BY r.note_id, r.revision"
-                )
-            };
-        }
-        const ALL_FIRST: &str = concat!(select!(""), " LIMIT ?1");
-        const ALL_AFTER: &str = concat!(
-            select!("WHERE (r.note_id, r.revision) > (?1, ?2)"),
-            " LIMIT ?3"
-        );
-        const KEY_FIRST: &str = concat!(select!("WHERE r.kms_key_id = ?1"), " LIMIT ?2");
-        const KEY_AFTER: &str = concat!(
-            select!("WHERE r.kms_key_id = ?1 AND (r.note_id, r.revision) > (?2, ?3)"),
-            " LIMIT ?4"
-        );
-        let limit = i64::from(limit);
-        let query = match (kms_key_id, after) {
-            (None, None) => sqlx::query(ALL_FIRST).bind(limit),
-            (None, Some((id, rev))) => sqlx::query(ALL_AFTER)
+        let query = sqlx::query(if after.is_some() {
+            REWRAP_PAGE_AFTER
+        } else {
+            REWRAP_PAGE_FIRST
+        })
+        .bind(kms_key_id.to_owned())
+        .bind(i64::from(kms_key_version));
+        let query = match after {
+            None => query.bind(i64::from(limit)),
+            Some((id, rev)) => query
                 .bind(id_text(id))
                 .bind(i64::from(rev))
-                .bind(limit),
-            (Some(key), None) => sqlx::query(KEY_FIRST).bind(key.to_owned()).bind(limit),
-            (Some(key), Some((id, rev))) => sqlx::query(KEY_AFTER)
-                .bind(key.to_owned())
-                .bind(id_text(id))
-                .bind(i64::from(rev))
-                .bind(limit),
+                .bind(i64::from(limit)),
         };
         let rows = query.fetch_all(&self.pool).await.map_err(map_err)?;
         rows.iter()
@@ -479,7 +477,7 @@ mod tests {
     /// Asked with a full chunk over a table of 20,000 revisions, the shape SQLite's planner
     /// turned into a scan before the unary `+` (seen in a 100,000-note re-wrap benchmark).
     #[tokio::test]
-    async fn rewrap_update_uses_the_primary_key() {
+    async fn rewrap_statements_use_their_indexes() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite:{}", dir.path().join("notes.db").display());
         let store = SqliteStore::connect(&url).await.unwrap();
@@ -532,6 +530,33 @@ mod tests {
             !plan
                 .iter()
                 .any(|step| step.starts_with("SCAN note_revisions")),
+            "plan: {plan:?}"
+        );
+
+        // A page walks the (key, version) range of the index in its order: no scan, no sort.
+        let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {REWRAP_PAGE_AFTER}"
+        )))
+        .bind("k")
+        .bind(1i64)
+        .bind("id")
+        .bind(1i64)
+        .bind(1000i64)
+        .fetch_all(&store.pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get::<String, _>("detail"))
+        .collect();
+        assert!(
+            plan.iter().any(|step| step.starts_with("SEARCH r USING")
+                && step.contains(
+                    "INDEX note_revisions_by_key_version (kms_key_id=? AND kms_key_version=?"
+                )),
+            "plan: {plan:?}"
+        );
+        assert!(
+            !plan.iter().any(|step| step.contains("TEMP B-TREE")),
             "plan: {plan:?}"
         );
     }
