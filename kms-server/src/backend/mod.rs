@@ -80,6 +80,15 @@ pub struct Sealed {
     pub ciphertext: Vec<u8>,
 }
 
+/// What `open` needs, bundled for `reseal`.
+#[derive(Debug, Clone, Copy)]
+pub struct Opening<'a> {
+    pub backend_ref: &'a [u8],
+    pub iv: &'a [u8],
+    pub aad: &'a [u8],
+    pub ciphertext: &'a [u8],
+}
+
 pub trait KeyBackend: Send + Sync {
     /// "pkcs11" or "tpm", as stored in key metadata.
     fn kind(&self) -> &'static str;
@@ -103,6 +112,18 @@ pub trait KeyBackend: Send + Sync {
         aad: &[u8],
         ciphertext: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, BackendError>;
+    /// Opens a blob sealed under `source_ref` and seals its plaintext under `dest_ref` with a
+    /// fresh IV: a re-wrap. The plaintext exists only inside this call, in a `Zeroizing`
+    /// buffer. Backends that can do both in one device session override this.
+    fn reseal(
+        &self,
+        source: Opening<'_>,
+        dest_ref: &[u8],
+        dest_aad: &[u8],
+    ) -> Result<Sealed, BackendError> {
+        let plaintext = self.open(source.backend_ref, source.iv, source.aad, source.ciphertext)?;
+        self.seal(dest_ref, dest_aad, &plaintext)
+    }
     /// `len` bytes from the device's random number generator.
     fn random(&self, len: usize) -> Result<Zeroizing<Vec<u8>>, BackendError>;
     /// Destroys a key version's object. Blobs sealed under it can never be opened again.

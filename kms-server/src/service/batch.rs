@@ -12,11 +12,10 @@ use std::collections::BTreeMap;
 
 use kms_proto::kms::v1 as pb;
 use tokio::task::JoinSet;
-use zeroize::Zeroizing;
 
 use super::validate::{self, KeyRef};
 use super::{Call, KmsService};
-use crate::backend::KeyBackend;
+use crate::backend::{KeyBackend, Opening};
 use crate::context::EncryptionContext;
 use crate::envelope::{self, Envelope};
 use crate::error::KmsError;
@@ -181,20 +180,23 @@ impl KmsService {
     }
 }
 
-/// Opens one blob and seals its plaintext under the destination; the plaintext is wiped when
-/// this returns.
+/// Opens one blob and seals its plaintext under the destination (`KeyBackend::reseal`: the
+/// plaintext is wiped inside the backend).
 fn rewrap(
     backend: &dyn KeyBackend,
     mechanism: crate::backend::Mechanism,
     job: Job,
 ) -> Result<pb::ReEncryptResult, KmsError> {
-    let plaintext: Zeroizing<Vec<u8>> = backend.open(
-        &job.source_ref,
-        &job.source.iv,
-        &job.source_aad,
-        &job.source.ciphertext,
+    let sealed = backend.reseal(
+        Opening {
+            backend_ref: &job.source_ref,
+            iv: &job.source.iv,
+            aad: &job.source_aad,
+            ciphertext: &job.source.ciphertext,
+        },
+        &job.dest_ref,
+        &job.dest_aad,
     )?;
-    let sealed = backend.seal(&job.dest_ref, &job.dest_aad, &plaintext)?;
     let blob = Envelope {
         mechanism,
         key_id: job.dest_key.key_id,

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use kms_server::backend::{BackendError, KeyBackend};
+use kms_server::backend::{BackendError, KeyBackend, Opening};
 use p256::ecdsa::signature::hazmat::PrehashVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
 use uuid::Uuid;
@@ -102,6 +102,47 @@ pub fn tampering_is_detected(f: &mut dyn Fixture) {
     let s = b.seal(&key, b"a", b"x").unwrap();
     let r = b.open(&key, &[0u8; 7], b"a", &s.ciphertext);
     assert!(matches!(r, Err(BackendError::InvalidInput(_))), "{r:?}");
+}
+
+pub fn reseal_moves_a_blob_to_another_version_and_context(f: &mut dyn Fixture) {
+    let b = f.backend();
+    let m = b.mechanism();
+    let v1 = new_version(b.as_ref());
+    let v2 = new_version(b.as_ref());
+    let plain = b.random(32).unwrap();
+    let s1 = b.seal(&v1, b"ctx-1", &plain).unwrap();
+    let from = |aad: &'static [u8]| Opening {
+        backend_ref: &v1,
+        iv: &s1.iv,
+        aad,
+        ciphertext: &s1.ciphertext,
+    };
+    let s2 = b.reseal(from(b"ctx-1"), &v2, b"ctx-2").unwrap();
+    assert_eq!(s2.iv.len(), m.iv_len());
+    assert_ne!(s2.iv, s1.iv, "the re-wrap reused the IV");
+    assert_ne!(s2.ciphertext, s1.ciphertext);
+    let opened = b.open(&v2, &s2.iv, b"ctx-2", &s2.ciphertext).unwrap();
+    assert_eq!(&opened[..], &plain[..]);
+    // Bound to the new version and context, not the old ones.
+    assert!(failed(b.open(&v2, &s2.iv, b"ctx-1", &s2.ciphertext)));
+    assert!(failed(b.open(&v1, &s2.iv, b"ctx-2", &s2.ciphertext)));
+    // A wrong source context, a tampered source or a wrong IV length re-wraps nothing.
+    assert!(failed(b.reseal(from(b"ctx-x"), &v2, b"ctx-2")));
+    let mut tampered = s1.ciphertext.clone();
+    tampered[0] ^= 1;
+    let bad = Opening {
+        ciphertext: &tampered,
+        ..from(b"ctx-1")
+    };
+    assert!(failed(b.reseal(bad, &v2, b"ctx-2")));
+    let short = Opening {
+        iv: &s1.iv[1..],
+        ..from(b"ctx-1")
+    };
+    assert!(matches!(
+        b.reseal(short, &v2, b"ctx-2"),
+        Err(BackendError::InvalidInput(_))
+    ));
 }
 
 pub fn random_lengths_and_non_repetition(f: &mut dyn Fixture) {

@@ -27,6 +27,7 @@ conformance!(
     round_trip_32_bytes_and_4_kib,
     fresh_iv_per_seal,
     tampering_is_detected,
+    reseal_moves_a_blob_to_another_version_and_context,
     random_lengths_and_non_repetition,
     unknown_reference_is_not_found,
     destroyed_version_never_opens_again,

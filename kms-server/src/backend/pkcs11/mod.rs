@@ -27,7 +27,7 @@ use self::errors::{classify, Fault};
 pub use self::inspect::KeyProtection;
 pub use self::pool::PoolStats;
 use self::pool::{PooledSession, SessionPool};
-use super::{BackendError, KeyBackend, Mechanism, Sealed};
+use super::{BackendError, KeyBackend, Mechanism, Opening, Sealed};
 
 const GCM_IV_LEN: usize = 12;
 /// Label of a small data object the backend keeps in its token. A session that can no longer
@@ -119,6 +119,54 @@ impl Pkcs11Backend {
 
     /// Runs `op` with a pooled session and turns PKCS#11 errors into backend errors: a device
     /// fault discards the session (and the other idle ones) so the next call starts afresh.
+    /// `C_Encrypt` with `CKM_AES_GCM` in the given session.
+    fn encrypt_in(
+        &self,
+        s: &PooledSession<'_>,
+        backend_ref: &[u8],
+        mut iv: [u8; GCM_IV_LEN],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, OpError> {
+        let key = self.key_handle(s, backend_ref)?;
+        let params = GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into())
+            .map_err(|e| OpError::Backend(errors::internal("GCM parameters", &e)))?;
+        s.session()
+            .encrypt(&CkMechanism::AesGcm(params), key, plaintext)
+            .map_err(OpError::Ck)
+    }
+
+    /// `C_Decrypt` with `CKM_AES_GCM` in the given session. A failed tag check is
+    /// `DecryptionFailed` only while the token is visibly healthy: SoftHSM reports a vanished
+    /// token the same way.
+    fn decrypt_in(
+        &self,
+        s: &PooledSession<'_>,
+        source: &Opening<'_>,
+        mut iv: [u8; GCM_IV_LEN],
+    ) -> Result<Zeroizing<Vec<u8>>, OpError> {
+        let key = self.key_handle(s, source.backend_ref)?;
+        let params = GcmParams::new(&mut iv, source.aad, GCM_TAG_BITS.into())
+            .map_err(|e| OpError::Backend(errors::internal("GCM parameters", &e)))?;
+        match s
+            .session()
+            .decrypt(&CkMechanism::AesGcm(params), key, source.ciphertext)
+        {
+            Ok(plain) => Ok(Zeroizing::new(plain)),
+            Err(e)
+                if errors::is_auth_failure(&e)
+                    && self.token_still_healthy(s, source.backend_ref) =>
+            {
+                Err(OpError::Backend(BackendError::DecryptionFailed))
+            }
+            Err(e) if errors::is_auth_failure(&e) => Err(OpError::Backend(errors::unavailable(
+                "AES-GCM decrypt (token check failed)",
+                &e,
+            ))),
+            Err(e) => Err(OpError::Ck(e)),
+        }
+    }
+
     fn with_session<T>(
         &self,
         what: &str,
@@ -309,17 +357,9 @@ impl KeyBackend for Pkcs11Backend {
         aad: &[u8],
         plaintext: &[u8],
     ) -> Result<Sealed, BackendError> {
-        // SoftHSM never makes an IV: a fresh random 96-bit one from the OS CSPRNG per call.
-        let mut iv = [0u8; GCM_IV_LEN];
-        rand::rngs::OsRng.fill_bytes(&mut iv);
+        let iv = fresh_iv();
         let ciphertext = self.with_session("AES-GCM encrypt", |s| {
-            let key = self.key_handle(s, backend_ref)?;
-            let mut iv_buf = iv;
-            let params = GcmParams::new(&mut iv_buf, aad, GCM_TAG_BITS.into())
-                .map_err(|e| OpError::Backend(errors::internal("GCM parameters", &e)))?;
-            s.session()
-                .encrypt(&CkMechanism::AesGcm(params), key, plaintext)
-                .map_err(OpError::Ck)
+            self.encrypt_in(s, backend_ref, iv, aad, plaintext)
         })?;
         Ok(Sealed {
             iv: iv.to_vec(),
@@ -334,32 +374,33 @@ impl KeyBackend for Pkcs11Backend {
         aad: &[u8],
         ciphertext: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, BackendError> {
-        if iv.len() != GCM_IV_LEN {
-            return Err(BackendError::InvalidInput(format!(
-                "GCM IV must be {GCM_IV_LEN} bytes"
-            )));
-        }
-        self.with_session("AES-GCM decrypt", |s| {
-            let key = self.key_handle(s, backend_ref)?;
-            let mut iv_buf = [0u8; GCM_IV_LEN];
-            iv_buf.copy_from_slice(iv);
-            let params = GcmParams::new(&mut iv_buf, aad, GCM_TAG_BITS.into())
-                .map_err(|e| OpError::Backend(errors::internal("GCM parameters", &e)))?;
-            match s
-                .session()
-                .decrypt(&CkMechanism::AesGcm(params), key, ciphertext)
-            {
-                Ok(plain) => Ok(Zeroizing::new(plain)),
-                Err(e)
-                    if errors::is_auth_failure(&e) && self.token_still_healthy(s, backend_ref) =>
-                {
-                    Err(OpError::Backend(BackendError::DecryptionFailed))
-                }
-                Err(e) if errors::is_auth_failure(&e) => Err(OpError::Backend(
-                    errors::unavailable("AES-GCM decrypt (token check failed)", &e),
-                )),
-                Err(e) => Err(OpError::Ck(e)),
-            }
+        let source = Opening {
+            backend_ref,
+            iv,
+            aad,
+            ciphertext,
+        };
+        let iv = gcm_iv(iv)?;
+        self.with_session("AES-GCM decrypt", |s| self.decrypt_in(s, &source, iv))
+    }
+
+    /// Both operations in one pooled session: a campaign re-wraps thousands of blobs a
+    /// second, and each session hand-over wakes a waiting thread.
+    fn reseal(
+        &self,
+        source: Opening<'_>,
+        dest_ref: &[u8],
+        dest_aad: &[u8],
+    ) -> Result<Sealed, BackendError> {
+        let source_iv = gcm_iv(source.iv)?;
+        let iv = fresh_iv();
+        let ciphertext = self.with_session("AES-GCM re-wrap", |s| {
+            let plaintext = self.decrypt_in(s, &source, source_iv)?;
+            self.encrypt_in(s, dest_ref, iv, dest_aad, &plaintext)
+        })?;
+        Ok(Sealed {
+            iv: iv.to_vec(),
+            ciphertext,
         })
     }
 
@@ -408,4 +449,17 @@ impl KeyBackend for Pkcs11Backend {
             }
         })
     }
+}
+
+/// A fresh random 96-bit GCM IV from the OS CSPRNG (SoftHSM never makes one).
+fn fresh_iv() -> [u8; GCM_IV_LEN] {
+    let mut iv = [0u8; GCM_IV_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut iv);
+    iv
+}
+
+/// A stored IV, which must be exactly 96 bits.
+fn gcm_iv(iv: &[u8]) -> Result<[u8; GCM_IV_LEN], BackendError> {
+    iv.try_into()
+        .map_err(|_| BackendError::InvalidInput(format!("GCM IV must be {GCM_IV_LEN} bytes")))
 }
