@@ -472,6 +472,20 @@ mod tests {
     use super::*;
     use crate::store::NoteStore;
 
+    /// The steps of an `EXPLAIN QUERY PLAN` query.
+    async fn plan_of(
+        store: &SqliteStore,
+        explain: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
+    ) -> Vec<String> {
+        explain
+            .fetch_all(&store.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<String, _>("detail"))
+            .collect()
+    }
+
     /// The multi-row re-wrap UPDATE must find each row by primary key: a plan that scans
     /// note_revisions would make every batch of a 1,000,000-note campaign read the table.
     /// Asked with a full chunk over a table of 20,000 revisions, the shape SQLite's planner
@@ -513,13 +527,7 @@ mod tests {
                 .bind(2i64)
                 .bind(vec![1u8]);
         }
-        let plan: Vec<String> = query
-            .fetch_all(&store.pool)
-            .await
-            .unwrap()
-            .iter()
-            .map(|row| row.get::<String, _>("detail"))
-            .collect();
+        let plan = plan_of(&store, query).await;
         assert!(
             plan.iter()
                 .any(|step| step.starts_with("SEARCH note_revisions USING")
@@ -534,20 +542,15 @@ mod tests {
         );
 
         // A page walks the (key, version) range of the index in its order: no scan, no sort.
-        let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(format!(
+        let page = sqlx::query(sqlx::AssertSqlSafe(format!(
             "EXPLAIN QUERY PLAN {REWRAP_PAGE_AFTER}"
         )))
         .bind("k")
         .bind(1i64)
         .bind("id")
         .bind(1i64)
-        .bind(1000i64)
-        .fetch_all(&store.pool)
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get::<String, _>("detail"))
-        .collect();
+        .bind(1000i64);
+        let plan = plan_of(&store, page).await;
         assert!(
             plan.iter().any(|step| step.starts_with("SEARCH r USING")
                 && step.contains(
