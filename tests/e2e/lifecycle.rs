@@ -148,20 +148,29 @@ async fn graceful_shutdown(sig: &str) {
         t
     };
     let (tally_before, tally_after) = (tally(&before), tally(&after));
-    // In flight at the signal: started before it, answered after it.
-    let in_flight = before.iter().filter(|c| c.finished > sent).count();
+    // In flight at the signal: started before it, answered (OK) after it.
+    let in_flight = before
+        .iter()
+        .filter(|c| c.finished > sent && c.outcome == Outcome::Ok)
+        .count();
     eprintln!("SIG{sig}: exit after {took:?}; {in_flight} calls in flight at the signal");
     eprintln!("SIG{sig}: started before the signal: {tally_before:?}; after: {tally_after:?}");
 
-    // Every call the server had (or may have had) when the signal came completes with OK.
+    // Every call the server had (or may have had) when the signal came completes with OK. A
+    // call the client had started but not yet written when the server's GOAWAY arrived ends
+    // NotSent: the GOAWAY (NO_ERROR) names the last stream the server took, and h2 fails
+    // only the streams above it, so the server never saw that call (seen under CI load: 1 of
+    // 377 calls started before the signal).
     assert!(
-        before.iter().all(|c| c.outcome == Outcome::Ok),
+        before
+            .iter()
+            .all(|c| matches!(c.outcome, Outcome::Ok | Outcome::NotSent(_))),
         "SIG{sig}: {tally_before:#?}"
     );
+    let answered_before = before.iter().filter(|c| c.outcome == Outcome::Ok).count();
     assert!(
-        before.len() >= WORKERS,
-        "SIG{sig}: only {} calls before the signal",
-        before.len()
+        answered_before >= WORKERS,
+        "SIG{sig}: only {answered_before} calls answered before the signal"
     );
     assert!(
         in_flight > 0,
