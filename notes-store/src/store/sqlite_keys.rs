@@ -365,17 +365,17 @@ const REWRAP_ROWS_PER_STATEMENT: usize = 250;
 /// keeps SQLite from indexing v and scanning the whole table against it (its choice for a
 /// few hundred rows): v is walked and each row found by primary key
 /// (`rewrap_statements_use_their_indexes`).
-pub(super) fn rewrap_statement(chunk: &[RewrapUpdate]) -> QueryBuilder<Sqlite> {
+fn rewrap_statement(chunk: &[RewrapUpdate]) -> QueryBuilder<Sqlite> {
     let mut q = QueryBuilder::<Sqlite>::new(
         "WITH v (note_id, revision, new_key, key_id, key_version, old_key) AS (",
     );
     q.push_values(chunk, |mut row, u| {
         row.push_bind(id_text(u.note_id))
             .push_bind(i64::from(u.revision))
-            .push_bind(u.new_wrapped_key.clone())
-            .push_bind(u.kms_key_id.clone())
+            .push_bind(u.new_wrapped_key.as_slice())
+            .push_bind(u.kms_key_id.as_str())
             .push_bind(i64::from(u.kms_key_version))
-            .push_bind(u.old_wrapped_key.clone());
+            .push_bind(u.old_wrapped_key.as_slice());
     });
     q.push(
         ") UPDATE note_revisions SET wrapped_key = v.new_key, kms_key_id = v.key_id, \

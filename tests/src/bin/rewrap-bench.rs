@@ -154,7 +154,8 @@ async fn run(args: Args) -> Result<()> {
                 .rotate_key(&format!("notes/clients/bench-{c}"))
                 .await?;
         }
-        let round = campaign(&args, &notes.config_path, kms_pid)?;
+        // The campaign is a child process waited on synchronously: off the async workers.
+        let round = tokio::task::block_in_place(|| campaign(&args, &notes.config_path, kms_pid))?;
         eprintln!(
             "rewrap-bench: round {r}/{}: {} blobs in {:.1} s ({:.0}/s)",
             args.rounds, args.notes, round.elapsed_s, round.rate
@@ -175,8 +176,7 @@ async fn run(args: Args) -> Result<()> {
     eprintln!(
         "rewrap-bench: {} blobs re-wrapped in {:.1} s ({rate:.0}/s; wall {:.1} s; median of \
          {} rounds); HSM ceiling {ceiling:.0} ops/s (after: {after:.0}), half the higher \
-         {half:.0}: \
-         ratio {:.2}; peak RSS rewrap {:.1} MiB, kms-server {:.1} MiB",
+         {half:.0}: ratio {:.2}; peak RSS rewrap {:.1} MiB, kms-server {:.1} MiB",
         args.notes,
         median.elapsed_s,
         median.wall_s,

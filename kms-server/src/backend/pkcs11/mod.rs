@@ -117,8 +117,6 @@ impl Pkcs11Backend {
         self.pool.stats()
     }
 
-    /// Runs `op` with a pooled session and turns PKCS#11 errors into backend errors: a device
-    /// fault discards the session (and the other idle ones) so the next call starts afresh.
     /// `C_Encrypt` with `CKM_AES_GCM` in the given session.
     fn encrypt_in(
         &self,
@@ -167,6 +165,8 @@ impl Pkcs11Backend {
         }
     }
 
+    /// Runs `op` with a pooled session and turns PKCS#11 errors into backend errors: a device
+    /// fault discards the session (and the other idle ones) so the next call starts afresh.
     fn with_session<T>(
         &self,
         what: &str,
