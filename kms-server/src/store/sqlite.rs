@@ -13,6 +13,7 @@
 //! and wait for it under `busy_timeout` instead of failing with `SQLITE_BUSY` half way through.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -23,6 +24,8 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Row};
 use svc_common::sqlite_file;
 use uuid::Uuid;
+
+use crate::audit::SqliteAppender;
 
 use super::{
     check_first_version, check_next_version, version_from_db, KeyRecord, KeyState, KeyStore,
@@ -55,6 +58,8 @@ macro_rules! version_columns {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Audit batches go through their own connection (see `audit::sqlite_appender`).
+    audit_appender: Arc<SqliteAppender>,
 }
 
 impl SqliteStore {
@@ -95,12 +100,25 @@ impl SqliteStore {
         } else {
             sqlite_file::warn_if_not_private(&path, "key metadata").await;
         }
-        Ok(SqliteStore { pool })
+        let read_only = url
+            .split_once('?')
+            .is_some_and(|(_, params)| params.split('&').any(|p| p == "mode=ro"));
+        let audit_appender = SqliteAppender::start(path, read_only)
+            .map_err(|e| StoreError::Internal(format!("audit appender thread: {e}")))?;
+        Ok(SqliteStore {
+            pool,
+            audit_appender: Arc::new(audit_appender),
+        })
     }
 
     /// The connection pool, shared with the audit store (`crate::audit`).
     pub(crate) fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Where the audit store appends event batches.
+    pub(crate) fn audit_appender(&self) -> &SqliteAppender {
+        &self.audit_appender
     }
 }
 
