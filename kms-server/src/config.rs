@@ -173,6 +173,10 @@ pub struct Pkcs11Section {
     pub max_sessions: usize,
     #[serde(default = "default_acquire_ms")]
     pub acquire_timeout_ms: u64,
+    /// Run a data-key call on the async worker that received the request when a session is
+    /// free, instead of handing it to the blocking pool (see `Pkcs11Settings::inline_calls`).
+    #[serde(default = "default_inline_calls")]
+    pub inline_calls: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -223,6 +227,9 @@ fn default_grace() -> u64 {
 }
 fn default_sessions() -> usize {
     2
+}
+fn default_inline_calls() -> bool {
+    true
 }
 fn default_acquire_ms() -> u64 {
     5000

@@ -37,6 +37,7 @@ pub fn build_backend(cfg: &BackendConfig) -> anyhow::Result<Arc<dyn KeyBackend>>
                 pin: p.pin()?,
                 max_sessions: p.max_sessions,
                 acquire_timeout: Duration::from_millis(p.acquire_timeout_ms),
+                inline_calls: p.inline_calls,
             };
             let backend = Pkcs11Backend::new(settings).context("opening the PKCS#11 token")?;
             Ok(Arc::new(backend))

@@ -58,6 +58,7 @@ fn token() -> &'static Token {
             token_label: LABEL.into(),
             pin: PIN.to_string().into(),
             max_sessions: 2,
+            inline_calls: true,
             acquire_timeout: Duration::from_secs(5),
         })
         .unwrap();

@@ -146,6 +146,14 @@ pub trait KeyBackend: Send + Sync {
             self.kind()
         )))
     }
+    /// Whether a `random`/`seal`/`open`/`reseal` call may run on the caller's async worker now:
+    /// the device answers in tens of µs and a session is free, so the call will not wait
+    /// for one (a race can still make it wait for one other call, which is as short). The
+    /// service hands the call to the blocking pool otherwise. False by default.
+    fn quick_call_ready(&self) -> bool {
+        false
+    }
+
     /// Device sessions (in use, waiting for one, idle), for metrics.
     fn session_usage(&self) -> (usize, usize, usize) {
         (0, 0, 0)

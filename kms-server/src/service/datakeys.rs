@@ -79,7 +79,7 @@ impl KmsService {
         let (version, aad) = self.seal_target(key, context).await?;
         let backend_ref = version.backend_ref;
         let sealed = self
-            .blocking(move |b| Ok(b.seal(&backend_ref, &aad, &plaintext)?))
+            .data_key_call(move |b| Ok(b.seal(&backend_ref, &aad, &plaintext)?))
             .await?;
         Ok(self.sealed_blob(key, version.version, sealed))
     }
@@ -145,7 +145,7 @@ impl KmsService {
         let aad = env.aad(context);
         let backend_ref = version.backend_ref;
         let plaintext = self
-            .blocking(move |b| Ok(b.open(&backend_ref, &env.iv, &aad, &env.ciphertext)?))
+            .data_key_call(move |b| Ok(b.open(&backend_ref, &env.iv, &aad, &env.ciphertext)?))
             .await?;
         Ok((plaintext, key, version.version))
     }
@@ -165,9 +165,9 @@ impl KmsService {
         let (version, aad) = self.seal_target(&key, &context).await?;
         call.key(key.key_id, Some(version.version));
         let backend_ref = version.backend_ref;
-        // Both HSM calls in one trip to the blocking pool: each trip costs a thread wake-up.
+        // Both HSM calls in one go: a trip to the blocking pool costs thread wake-ups.
         let (data_key, sealed) = self
-            .blocking(move |b| {
+            .data_key_call(move |b| {
                 let data_key = b.random(DATA_KEY_LEN)?;
                 let sealed = b.seal(&backend_ref, &aad, &data_key)?;
                 Ok((data_key, sealed))

@@ -47,6 +47,11 @@ pub struct Pkcs11Settings {
     pub max_sessions: usize,
     /// How long a request waits for a free session before UNAVAILABLE.
     pub acquire_timeout: Duration,
+    /// Whether seal/open/random may run on the caller's (async) thread when a session is free
+    /// ([`KeyBackend::quick_call_ready`]). Right for a token whose calls take tens of µs
+    /// (SoftHSM, a PCIe HSM): the hand-off to the blocking pool costs two thread wake-ups, more
+    /// than the call. Wrong for a network HSM whose calls take milliseconds.
+    pub inline_calls: bool,
 }
 
 impl std::fmt::Debug for Pkcs11Settings {
@@ -56,6 +61,7 @@ impl std::fmt::Debug for Pkcs11Settings {
             .field("token_label", &self.token_label)
             .field("pin", &"<redacted>")
             .field("max_sessions", &self.max_sessions)
+            .field("inline_calls", &self.inline_calls)
             .finish()
     }
 }
@@ -70,6 +76,7 @@ pub struct Pkcs11Backend {
     /// CKR_GENERAL_ERROR when other sessions use the token at the same moment (SoftHSMv2
     /// issue 573; seen here with C_GenerateKey next to parallel tests). Creations are rare.
     object_store: RwLock<()>,
+    inline_calls: bool,
 }
 
 impl Pkcs11Backend {
@@ -86,6 +93,7 @@ impl Pkcs11Backend {
             ),
             handles: RwLock::new(HashMap::new()),
             object_store: RwLock::new(()),
+            inline_calls: settings.inline_calls,
         };
         backend.ensure_sentinel()?;
         backend.ensure_audit_key()?;
@@ -432,6 +440,12 @@ impl KeyBackend for Pkcs11Backend {
 
     fn sign_audit_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, BackendError> {
         self.audit_sign(digest)
+    }
+
+    fn quick_call_ready(&self) -> bool {
+        // Not while a token object is being created (the exclusive lock is held for
+        // milliseconds) nor when every session is lent out.
+        self.inline_calls && self.object_store.try_read().is_ok() && self.pool.has_free_session()
     }
 
     fn session_usage(&self) -> (usize, usize, usize) {

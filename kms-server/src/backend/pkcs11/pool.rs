@@ -112,6 +112,13 @@ impl SessionPool {
         }
     }
 
+    /// Whether `acquire` would find a session without waiting (at the moment of asking).
+    pub(super) fn has_free_session(&self) -> bool {
+        self.state
+            .lock()
+            .is_ok_and(|s| !s.idle.is_empty() || s.in_use < self.max_sessions)
+    }
+
     /// Borrows a logged-in session, opening one if the pool is below its size. Waits at most
     /// `acquire_timeout` for a free slot.
     pub(super) fn acquire(&self) -> Result<PooledSession<'_>, BackendError> {
