@@ -37,6 +37,7 @@ impl AuditStore for SqliteStore {
     }
 
     async fn append_checkpoint(&self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         sqlx::query(
             "INSERT INTO audit_checkpoints (node_id, seq, time_ms, checkpoint_json) \
              VALUES (?1, ?2, ?3, ?4)",
@@ -100,6 +101,7 @@ impl AuditStore for SqliteStore {
     }
 
     async fn probe_write(&self) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         let done = sqlx::query("UPDATE audit_probe SET touched_ms = ?1 WHERE id = 1")
             .bind(probe_time_ms())
             .execute(self.pool())

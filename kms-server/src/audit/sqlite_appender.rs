@@ -9,6 +9,9 @@
 //! commits one batch at a time, capped the whole server near 3k events/s. Here the batch makes
 //! one trip to this thread and one back, and its statements are prepared once per connection.
 //!
+//! Other writes of the process wait for their turn on the store's fair mutex, which this
+//! thread takes around each batch (see `SqliteStore::write_turn`).
+//!
 //! Semantics are those of the pool's transactions: `BEGIN IMMEDIATE` (write lock up front,
 //! `busy_timeout` for other writers), the chain head checked under the lock, `synchronous =
 //! FULL` (the batch is on disk when COMMIT returns). After any error the connection is dropped
@@ -16,7 +19,7 @@
 //! leaves nothing on this connection that a later batch should inherit.
 
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
@@ -43,14 +46,21 @@ impl SqliteAppender {
     /// Starts the thread for the database file at `path`. It opens its connection on the
     /// first batch (the pool has created the file and set WAL mode by then); `read_only`
     /// mirrors a `mode=ro` URL, so such a store refuses appends as its pool does.
-    pub fn start(path: PathBuf, read_only: bool) -> std::io::Result<SqliteAppender> {
+    /// `write_turn` is the store's (`SqliteStore::write_turn`), held across each batch.
+    pub fn start(
+        path: PathBuf,
+        read_only: bool,
+        write_turn: Arc<tokio::sync::Mutex<()>>,
+    ) -> std::io::Result<SqliteAppender> {
         let (jobs, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("audit-sqlite".into())
             .spawn(move || {
                 let mut conn = None;
                 for job in rx {
+                    let turn = write_turn.blocking_lock();
                     let result = append(&mut conn, &path, read_only, &job.batch);
+                    drop(turn);
                     if result.is_err() {
                         conn = None;
                     }

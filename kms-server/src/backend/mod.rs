@@ -146,11 +146,12 @@ pub trait KeyBackend: Send + Sync {
             self.kind()
         )))
     }
-    /// Whether a `random`/`seal`/`open`/`reseal` call may run on the caller's async worker now:
-    /// the device answers in tens of µs and a session is free, so the call will not wait
-    /// for one (a race can still make it wait for one other call, which is as short). The
-    /// service hands the call to the blocking pool otherwise. False by default.
-    fn quick_call_ready(&self) -> bool {
+    /// Runs `op` (data-key work: `random`, `seal`, `open`, `reseal`) on the calling thread, an
+    /// async worker, if the device answers in tens of µs, and such that nothing in it waits:
+    /// no lock or session that is not free at once. Returns false when `op`'s outcome must be
+    /// discarded and the work done again on the blocking pool: the backend does not run
+    /// calls this way (the default), or something in `op` would have waited and gave up.
+    fn run_without_waiting(&self, _op: &mut dyn FnMut(&dyn KeyBackend)) -> bool {
         false
     }
 

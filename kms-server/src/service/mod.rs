@@ -88,17 +88,25 @@ impl KmsService {
             .map_err(|e| KmsError::Internal(format!("backend task failed: {e}")))?
     }
 
-    /// For data-key calls only (`random`, `seal`, `open`, `reseal`): runs `f` right here when
-    /// the backend says such a call is quick and will not wait for a session
-    /// (`KeyBackend::quick_call_ready`), else as [`Self::blocking`]. On SoftHSM the call takes
-    /// ~25 µs and the hand-off to the blocking pool and back cost more than that.
+    /// For data-key calls only (`random`, `seal`, `open`, `reseal`): runs `f` right here if the
+    /// backend can do it without waiting (`KeyBackend::run_without_waiting`), else as
+    /// [`Self::blocking`]. On SoftHSM the call takes ~25 µs and the hand-off to the blocking
+    /// pool and back costs more than that. `f` may run twice (a no-wait try that gave up,
+    /// then the blocking pool); data-key work has no effect outside its result.
     async fn data_key_call<T, F>(&self, f: F) -> Result<T, KmsError>
     where
         T: Send + 'static,
-        F: FnOnce(&dyn KeyBackend) -> Result<T, KmsError> + Send + 'static,
+        F: Fn(&dyn KeyBackend) -> Result<T, KmsError> + Send + 'static,
     {
-        if self.inner.backend.quick_call_ready() {
-            return f(self.inner.backend.as_ref());
+        let mut outcome = None;
+        if self
+            .inner
+            .backend
+            .run_without_waiting(&mut |b| outcome = Some(f(b)))
+        {
+            if let Some(result) = outcome {
+                return result;
+            }
         }
         let backend = self.inner.backend.clone();
         tokio::task::spawn_blocking(move || f(backend.as_ref()))

@@ -60,6 +60,12 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// Audit batches go through their own connection (see `audit::sqlite_appender`).
     audit_appender: Arc<SqliteAppender>,
+    /// Every write of this process takes its turn here before SQLite's write lock. Under load
+    /// the audit appender holds that lock most of the time (its COMMIT includes the fsync),
+    /// and SQLite's busy handler only polls, sleeping 1, 2, 5 … 100 ms between tries, so a
+    /// key write competing that way can lose again and again. This mutex is fair (FIFO): a
+    /// key write waits for the batch in progress, then goes.
+    write_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SqliteStore {
@@ -103,17 +109,24 @@ impl SqliteStore {
         let read_only = url
             .split_once('?')
             .is_some_and(|(_, params)| params.split('&').any(|p| p == "mode=ro"));
-        let audit_appender = SqliteAppender::start(path, read_only)
+        let write_turn = Arc::new(tokio::sync::Mutex::new(()));
+        let audit_appender = SqliteAppender::start(path, read_only, write_turn.clone())
             .map_err(|e| StoreError::Internal(format!("audit appender thread: {e}")))?;
         Ok(SqliteStore {
             pool,
             audit_appender: Arc::new(audit_appender),
+            write_turn,
         })
     }
 
     /// The connection pool, shared with the audit store (`crate::audit`).
     pub(crate) fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Waits for this process's turn to write (see `write_turn`); hold it across the write.
+    pub(crate) async fn write_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.write_turn.lock().await
     }
 
     /// Where the audit store appends event batches.
@@ -145,6 +158,7 @@ impl KeyStore for SqliteStore {
         first_version: &KeyVersionRecord,
     ) -> Result<(), StoreError> {
         check_first_version(key, first_version)?;
+        let _turn = self.write_turn().await;
         let mut conn = self.pool.acquire().await.map_err(map_err)?;
         let result = insert_key_tx(&mut conn, key, first_version).await;
         if result.is_err() {
@@ -251,6 +265,7 @@ impl KeyStore for SqliteStore {
         version: &KeyVersionRecord,
         make_primary: bool,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await;
         let mut conn = self.pool.acquire().await.map_err(map_err)?;
         let result = add_version_tx(&mut conn, version, make_primary).await;
         if result.is_err() {
@@ -265,6 +280,7 @@ impl KeyStore for SqliteStore {
         key: &KeyRecord,
         expected_state: KeyState,
     ) -> Result<Option<KeyRecord>, StoreError> {
+        let _turn = self.write_turn().await;
         sqlx::query(concat!(
             "UPDATE keys SET state = ?2, rotation_period_ms = ?3, next_rotation_ms = ?4, \
              min_decryption_version = ?5, deletion_at_ms = ?6 \
@@ -291,6 +307,7 @@ impl KeyStore for SqliteStore {
         version: u32,
         state: VersionState,
     ) -> Result<Option<KeyVersionRecord>, StoreError> {
+        let _turn = self.write_turn().await;
         sqlx::query(concat!(
             "UPDATE key_versions SET state = ?3 WHERE key_id = ?1 AND version = ?2 RETURNING ",
             version_columns!()

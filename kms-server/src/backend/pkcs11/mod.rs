@@ -8,6 +8,7 @@
 
 mod errors;
 mod inspect;
+mod no_wait;
 mod pool;
 mod signing;
 
@@ -47,8 +48,8 @@ pub struct Pkcs11Settings {
     pub max_sessions: usize,
     /// How long a request waits for a free session before UNAVAILABLE.
     pub acquire_timeout: Duration,
-    /// Whether seal/open/random may run on the caller's (async) thread when a session is free
-    /// ([`KeyBackend::quick_call_ready`]). Right for a token whose calls take tens of µs
+    /// Whether seal/open/random may run on the caller's (async) thread when the token and a
+    /// session are free at once ([`KeyBackend::run_without_waiting`]). Right for a token whose calls take tens of µs
     /// (SoftHSM, a PCIe HSM): the hand-off to the blocking pool costs two thread wake-ups, more
     /// than the call. Wrong for a network HSM whose calls take milliseconds.
     pub inline_calls: bool,
@@ -180,6 +181,17 @@ impl Pkcs11Backend {
         what: &str,
         op: impl Fn(&PooledSession<'_>) -> Result<T, OpError>,
     ) -> Result<T, BackendError> {
+        if no_wait::active() {
+            let _shared = match self.object_store.try_read() {
+                Ok(guard) => guard,
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Err(no_wait::give_up()),
+            };
+            let Some(session) = self.pool.try_acquire()? else {
+                return Err(no_wait::give_up());
+            };
+            return self.finish(what, session, op);
+        }
         let _shared = self.object_store.read().unwrap_or_else(|e| e.into_inner());
         self.run(what, op)
     }
@@ -200,6 +212,16 @@ impl Pkcs11Backend {
         op: impl Fn(&PooledSession<'_>) -> Result<T, OpError>,
     ) -> Result<T, BackendError> {
         let session = self.pool.acquire()?;
+        self.finish(what, session, op)
+    }
+
+    /// Runs `op` on `session` and classifies its errors (see `with_session`).
+    fn finish<T>(
+        &self,
+        what: &str,
+        session: PooledSession<'_>,
+        op: impl Fn(&PooledSession<'_>) -> Result<T, OpError>,
+    ) -> Result<T, BackendError> {
         match op(&session) {
             Ok(v) => Ok(v),
             Err(OpError::Backend(e)) => Err(e),
@@ -442,10 +464,13 @@ impl KeyBackend for Pkcs11Backend {
         self.audit_sign(digest)
     }
 
-    fn quick_call_ready(&self) -> bool {
-        // Not while a token object is being created (the exclusive lock is held for
-        // milliseconds) nor when every session is lent out.
-        self.inline_calls && self.object_store.try_read().is_ok() && self.pool.has_free_session()
+    fn run_without_waiting(&self, op: &mut dyn FnMut(&dyn KeyBackend)) -> bool {
+        if !self.inline_calls {
+            return false;
+        }
+        let scope = no_wait::Scope::enter();
+        op(self);
+        !scope.gave_up()
     }
 
     fn session_usage(&self) -> (usize, usize, usize) {

@@ -112,11 +112,27 @@ impl SessionPool {
         }
     }
 
-    /// Whether `acquire` would find a session without waiting (at the moment of asking).
-    pub(super) fn has_free_session(&self) -> bool {
-        self.state
-            .lock()
-            .is_ok_and(|s| !s.idle.is_empty() || s.in_use < self.max_sessions)
+    /// `acquire` without waiting: `None` when every session is lent out.
+    pub(super) fn try_acquire(&self) -> Result<Option<PooledSession<'_>>, BackendError> {
+        let poisoned = || BackendError::Internal("pkcs11 pool lock poisoned".into());
+        let mut state = self.state.lock().map_err(|_| poisoned())?;
+        if let Some(session) = state.idle.pop() {
+            state.in_use += 1;
+            drop(state);
+            return self.lend(session).map(Some);
+        }
+        if state.in_use + state.idle.len() >= self.max_sessions {
+            return Ok(None);
+        }
+        state.in_use += 1;
+        drop(state);
+        match self.open_session_recovering() {
+            Ok(session) => self.lend(session).map(Some),
+            Err(e) => {
+                self.release_slot();
+                Err(e)
+            }
+        }
     }
 
     /// Borrows a logged-in session, opening one if the pool is below its size. Waits at most
