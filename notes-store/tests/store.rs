@@ -139,6 +139,7 @@ store_tests!(
     insert_and_read_back,
     insert_note_is_all_or_nothing,
     insert_note_refuses_inconsistent_records,
+    concurrent_inserts_fail_alone,
     amendments_add_revisions_without_gaps,
     stale_amendment_changes_nothing,
     amendment_of_unknown_note,
@@ -223,6 +224,52 @@ async fn insert_and_read_back(db: TestDb) {
         other => panic!("expected Conflict, got {other:?}"),
     }
     assert_eq!(s.get_note(n.note_id).await.unwrap(), Some(n));
+}
+
+/// Many creations at once (on SQLite they are group-committed in one transaction): each
+/// failing one gets its own error and leaves nothing behind, every other one is stored.
+async fn concurrent_inserts_fail_alone(db: TestDb) {
+    let s = db.store.clone();
+    s.record_client_key("a", "gone", "key-1", T0).await.unwrap();
+    s.begin_erasure("a", "gone", "DSR-9", T0 + 1).await.unwrap();
+    let existing = note("a", "c1", "2024-01-01");
+    insert(s.as_ref(), &existing).await;
+
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let s = s.clone();
+        let n = match i % 6 {
+            // An erased client: refused inside the transaction.
+            0 => note("a", "gone", "2024-01-02"),
+            // An id that exists: a conflict.
+            1 => NoteRecord {
+                site_id: format!("dup-{i}"),
+                ..existing.clone()
+            },
+            _ => note("a", "c1", "2024-01-03"),
+        };
+        tasks.push(tokio::spawn(async move {
+            let result = s.insert_note(&n, &revision(n.note_id, 1)).await;
+            (i, n, result)
+        }));
+    }
+    let mut stored = 0;
+    for task in tasks {
+        let (i, n, result) = task.await.unwrap();
+        match (i % 6, result) {
+            (0, Err(StoreError::ClientNotActive("ERASING"))) => {}
+            (1, Err(StoreError::Conflict(_))) => {}
+            (_, Ok(())) if i % 6 > 1 => {
+                assert_eq!(s.get_note(n.note_id).await.unwrap(), Some(n.clone()));
+                stored += 1;
+            }
+            (_, other) => panic!("insert {i}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(stored, 40);
+    assert_eq!(s.count_client_notes("a", "c1").await.unwrap(), (41, 41));
+    assert_eq!(s.count_client_notes("a", "gone").await.unwrap(), (0, 0));
+    assert_eq!(s.get_note(existing.note_id).await.unwrap(), Some(existing));
 }
 
 /// A failure of the revision insert (here: a CHECK the record breaks, standing in for any

@@ -16,6 +16,7 @@ pub mod keys;
 mod postgres;
 mod postgres_keys;
 mod sqlite;
+mod sqlite_inserter;
 mod sqlite_keys;
 
 use std::sync::Arc;

@@ -9,6 +9,7 @@
 //! follows it cannot interleave with another writer.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,6 +21,7 @@ use sqlx::{Connection, Row};
 use svc_common::sqlite_file;
 use uuid::Uuid;
 
+use super::sqlite_inserter::SqliteInserter;
 use super::{
     check_current, check_first_revision, check_next_revision, reason_from_columns,
     revision_from_db, ListQuery, NoteRecord, NoteStore, RevisionMeta, RevisionRecord, StoreError,
@@ -50,6 +52,8 @@ macro_rules! meta_columns {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pub(super) pool: SqlitePool,
+    /// New notes are group-committed by their own thread (see `sqlite_inserter`).
+    inserter: Arc<SqliteInserter>,
 }
 
 impl SqliteStore {
@@ -85,7 +89,12 @@ impl SqliteStore {
         } else {
             sqlite_file::warn_if_not_private(&path, "notes").await;
         }
-        Ok(SqliteStore { pool })
+        let inserter = SqliteInserter::start(path)
+            .map_err(|e| StoreError::Internal(format!("note inserter thread: {e}")))?;
+        Ok(SqliteStore {
+            pool,
+            inserter: Arc::new(inserter),
+        })
     }
 }
 
@@ -112,13 +121,7 @@ impl NoteStore for SqliteStore {
         first: &RevisionRecord,
     ) -> Result<(), StoreError> {
         check_first_revision(note, first)?;
-        let mut conn = self.pool.acquire().await.map_err(map_err)?;
-        let result = insert_note_tx(&mut conn, note, first).await;
-        if result.is_err() {
-            // A failed COMMIT leaves sqlx's connection at transaction depth 1: never reuse it.
-            conn.close_on_drop();
-        }
-        result
+        self.inserter.insert(note.clone(), first.clone()).await
     }
 
     async fn get_note(&self, note_id: Uuid) -> Result<Option<NoteRecord>, StoreError> {
@@ -321,34 +324,6 @@ fn map_database_err(db: &dyn sqlx::error::DatabaseError) -> StoreError {
         }
         _ => StoreError::Internal(format!("sqlite: {}", db.message())),
     }
-}
-
-async fn insert_note_tx(
-    conn: &mut SqliteConnection,
-    note: &NoteRecord,
-    first: &RevisionRecord,
-) -> Result<(), StoreError> {
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(map_err)?;
-    super::sqlite_keys::check_client_writable(&mut tx, &note.site_id, &note.client_id).await?;
-    sqlx::query(concat!(
-        "INSERT INTO notes (",
-        note_columns!(),
-        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
-    ))
-    .bind(id_text(note.note_id))
-    .bind(&note.site_id)
-    .bind(&note.client_id)
-    .bind(&note.author_id)
-    .bind(&note.session_date)
-    .bind(i64::from(note.current_revision))
-    .bind(note.created_at_ms)
-    .bind(note.updated_at_ms)
-    .execute(&mut *tx)
-    .await
-    .map_err(map_err)?;
-    insert_revision(&mut tx, first).await?;
-    // Dropping `tx` on any error above rolls both inserts back.
-    tx.commit().await.map_err(map_err)
 }
 
 async fn add_revision_tx(

@@ -31,6 +31,11 @@ struct Args {
     /// Concurrent request loops (tokio tasks), each with one request in flight.
     #[arg(long, default_value_t = 16)]
     streams: usize,
+    /// Clients (practice clients, each with its own KMS key) that each stream writes notes
+    /// for. Their keys are created before `notes_create` is measured: a client's first note
+    /// creates its key (`notes_first_note` reports that separately).
+    #[arg(long, default_value_t = 8)]
+    clients_per_stream: u64,
     /// Measured seconds per benchmark.
     #[arg(long, default_value_t = 8)]
     seconds: u64,
@@ -426,13 +431,14 @@ async fn bench_notes(
     let clients = Arc::new(clients);
     let ids: Arc<Mutex<Vec<String>>> = Arc::default();
 
+    let per_stream = args.clients_per_stream.max(1);
     let create: Call = {
         let (clients, ids, body) = (clients.clone(), ids.clone(), body.clone());
         Arc::new(move |stream, i| {
             let mut client = clients[stream % clients.len()].clone();
             let request = create_request(
                 "bench",
-                &format!("client-{stream:04}-{}", i % 64),
+                &format!("client-{stream:04}-{}", i % per_stream),
                 "2026-11-28",
                 &body,
             );
@@ -446,6 +452,7 @@ async fn bench_notes(
             })
         })
     };
+    first_notes(args, db, &create).await?;
     let stats = load(args.streams, args.warmup, args.seconds, create).await?;
     emit_notes("notes_create", db, args, &stats, gdk_rate);
 
@@ -473,6 +480,40 @@ async fn bench_notes(
     };
     let stats = load(args.streams, args.warmup, args.seconds, get).await?;
     emit_notes("notes_get", db, args, &stats, gdk_rate);
+    Ok(())
+}
+
+/// Each stream writes the first note of each of its clients, one after the other, so the
+/// steady state that `notes_create` measures is notes of known clients. A first note creates
+/// the client's KMS key (a token object in the HSM), unless an earlier database's run made it
+/// already: the line says how many of these calls there were and how long they took.
+async fn first_notes(args: &Args, db: &str, create: &Call) -> Result<()> {
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(args.streams);
+    for stream in 0..args.streams {
+        let create = create.clone();
+        let per_stream = args.clients_per_stream.max(1);
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_stream {
+                create(stream, i).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await.context("first-note task")??;
+    }
+    let n = args.streams as u64 * args.clients_per_stream.max(1);
+    let secs = started.elapsed().as_secs_f64();
+    emit(&[
+        ("bench", json!("notes_first_note")),
+        ("db", json!(db)),
+        ("notes", json!(n)),
+        ("seconds", json!(round(secs, 2))),
+        ("ops_per_s", json!(round(n as f64 / secs, 1))),
+        ("streams", json!(args.streams)),
+        ("cores_shared", json!(cores())),
+    ]);
     Ok(())
 }
 
