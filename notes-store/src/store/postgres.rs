@@ -17,7 +17,8 @@ use uuid::Uuid;
 
 use super::{
     check_current, check_first_revision, check_next_revision, reason_from_columns,
-    revision_from_db, ListQuery, NoteRecord, NoteStore, RevisionMeta, RevisionRecord, StoreError,
+    revision_from_db, ClientState, ListQuery, NoteRecord, NoteStore, RevisionMeta, RevisionRecord,
+    StoreError,
 };
 use crate::crypto::Sealed;
 
@@ -85,13 +86,30 @@ impl NoteStore for PostgresStore {
         first: &RevisionRecord,
     ) -> Result<(), StoreError> {
         check_first_revision(note, first)?;
-        let mut tx = self.pool.begin().await.map_err(map_err)?;
-        super::postgres_keys::check_client_writable(&mut tx, &note.site_id, &note.client_id)
-            .await?;
-        sqlx::query(concat!(
-            "INSERT INTO notes (",
+        // One statement, so one round trip and one transaction (autocommit) instead of five
+        // round trips: BEGIN, the client check, two INSERTs, COMMIT. Same semantics: the
+        // client row is read FOR SHARE (an erasure, which updates it, waits for this
+        // transaction or this one sees its new state); nothing is inserted unless the client
+        // is active; any error (a duplicate id, a CHECK) aborts both inserts; the revision's
+        // foreign key is checked at the end of the statement, when the note exists.
+        let r = first;
+        let (client_state, inserted): (Option<String>, i64) = sqlx::query_as(concat!(
+            "WITH client AS ( \
+                 SELECT state FROM client_keys WHERE site_id = $2 AND client_id = $3 FOR SHARE \
+             ), note AS ( \
+                 INSERT INTO notes (",
             note_columns!(),
-            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+            ") SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
+                 WHERE NOT EXISTS (SELECT 1 FROM client WHERE state <> 'ACTIVE') \
+                 RETURNING note_id \
+             ), revision AS ( \
+                 INSERT INTO note_revisions (note_id, revision, author_id, created_at_ms, \
+                     kms_key_id, kms_key_version, crypto_version, wrapped_key, body_nonce, \
+                     body_ciphertext, reason_nonce, reason_ciphertext) \
+                 SELECT note_id, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19 FROM note \
+                 RETURNING note_id \
+             ) \
+             SELECT (SELECT state FROM client), (SELECT count(*) FROM revision)"
         ))
         .bind(note.note_id)
         .bind(&note.site_id)
@@ -101,12 +119,33 @@ impl NoteStore for PostgresStore {
         .bind(i64::from(note.current_revision))
         .bind(note.created_at_ms)
         .bind(note.updated_at_ms)
-        .execute(&mut *tx)
+        .bind(i64::from(r.meta.revision))
+        .bind(&r.meta.author_id)
+        .bind(r.meta.created_at_ms)
+        .bind(&r.meta.kms_key_id)
+        .bind(i64::from(r.meta.kms_key_version))
+        .bind(i64::from(r.crypto_version))
+        .bind(r.wrapped_key.as_slice())
+        .bind(r.body.nonce.as_slice())
+        .bind(r.body.ciphertext.as_slice())
+        .bind(r.reason.as_ref().map(|s| s.nonce.as_slice()))
+        .bind(r.reason.as_ref().map(|s| s.ciphertext.as_slice()))
+        .fetch_one(&self.pool)
         .await
         .map_err(map_err)?;
-        insert_revision(&mut tx, first).await?;
-        // Dropping `tx` on any error above rolls both inserts back.
-        tx.commit().await.map_err(map_err)
+        match client_state
+            .as_deref()
+            .map(ClientState::parse)
+            .transpose()?
+        {
+            None | Some(ClientState::Active) if inserted == 1 => Ok(()),
+            Some(state @ (ClientState::Erasing | ClientState::Erased)) => {
+                Err(StoreError::ClientNotActive(state.as_str()))
+            }
+            _ => Err(StoreError::Internal(format!(
+                "note insert wrote {inserted} revisions"
+            ))),
+        }
     }
 
     async fn get_note(&self, note_id: Uuid) -> Result<Option<NoteRecord>, StoreError> {
