@@ -58,7 +58,13 @@ impl SqliteAppender {
             .spawn(move || {
                 let mut conn = None;
                 for job in rx {
-                    let turn = write_turn.blocking_lock();
+                    // try_lock first: the uncontended case is nearly every batch, and
+                    // blocking_lock alone (tokio's block_on machinery on every call) halved
+                    // GenerateDataKey throughput, 6.2-6.8k -> 3.2-3.6k ops/s measured.
+                    let turn = match write_turn.try_lock() {
+                        Ok(turn) => turn,
+                        Err(_) => write_turn.blocking_lock(),
+                    };
                     let result = append(&mut conn, &path, read_only, &job.batch);
                     drop(turn);
                     if result.is_err() {
