@@ -2,9 +2,9 @@
 //! migrations in `migrations/sqlite`.
 //!
 //! Durability: `synchronous = FULL`. A clinical note acknowledged to the caller must survive a
-//! power loss; one fsync per commit is cheap next to the KMS round trip every write makes.
-//! sqlx runs each SQLite connection on its own worker thread, so nothing blocks the async
-//! runtime. Write transactions start with `BEGIN IMMEDIATE`: they take the write lock up front
+//! power loss. New notes are group-committed by `sqlite_inserter` (one fsync for every
+//! creation queued meanwhile); every other statement goes through the sqlx pool, which runs
+//! each SQLite connection on its own worker thread, so nothing blocks the async runtime. Write transactions start with `BEGIN IMMEDIATE`: they take the write lock up front
 //! and wait for it under `busy_timeout`, so the current-revision check and the insert that
 //! follows it cannot interleave with another writer.
 
