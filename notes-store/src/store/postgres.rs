@@ -93,7 +93,7 @@ impl NoteStore for PostgresStore {
         // is active; any error (a duplicate id, a CHECK) aborts both inserts; the revision's
         // foreign key is checked at the end of the statement, when the note exists.
         let r = first;
-        let (client_state, inserted): (Option<String>, i64) = sqlx::query_as(concat!(
+        let query = sqlx::query(concat!(
             "WITH client AS ( \
                  SELECT state FROM client_keys WHERE site_id = $2 AND client_id = $3 FOR SHARE \
              ), note AS ( \
@@ -118,21 +118,13 @@ impl NoteStore for PostgresStore {
         .bind(&note.session_date)
         .bind(i64::from(note.current_revision))
         .bind(note.created_at_ms)
-        .bind(note.updated_at_ms)
-        .bind(i64::from(r.meta.revision))
-        .bind(&r.meta.author_id)
-        .bind(r.meta.created_at_ms)
-        .bind(&r.meta.kms_key_id)
-        .bind(i64::from(r.meta.kms_key_version))
-        .bind(i64::from(r.crypto_version))
-        .bind(r.wrapped_key.as_slice())
-        .bind(r.body.nonce.as_slice())
-        .bind(r.body.ciphertext.as_slice())
-        .bind(r.reason.as_ref().map(|s| s.nonce.as_slice()))
-        .bind(r.reason.as_ref().map(|s| s.ciphertext.as_slice()))
-        .fetch_one(&self.pool)
-        .await
-        .map_err(map_err)?;
+        .bind(note.updated_at_ms);
+        let row = bind_revision_after_id(query, r)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        let client_state: Option<String> = row.try_get(0).map_err(map_err)?;
+        let inserted: i64 = row.try_get(1).map_err(map_err)?;
         match client_state
             .as_deref()
             .map(ClientState::parse)
@@ -269,28 +261,38 @@ async fn insert_revision(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     r: &RevisionRecord,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    let query = sqlx::query(
         "INSERT INTO note_revisions (note_id, revision, author_id, created_at_ms, kms_key_id, \
          kms_key_version, crypto_version, wrapped_key, body_nonce, body_ciphertext, \
          reason_nonce, reason_ciphertext) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
-    .bind(r.meta.note_id)
-    .bind(i64::from(r.meta.revision))
-    .bind(&r.meta.author_id)
-    .bind(r.meta.created_at_ms)
-    .bind(&r.meta.kms_key_id)
-    .bind(i64::from(r.meta.kms_key_version))
-    .bind(i64::from(r.crypto_version))
-    .bind(r.wrapped_key.as_slice())
-    .bind(r.body.nonce.as_slice())
-    .bind(r.body.ciphertext.as_slice())
-    .bind(r.reason.as_ref().map(|s| s.nonce.as_slice()))
-    .bind(r.reason.as_ref().map(|s| s.ciphertext.as_slice()))
-    .execute(&mut **tx)
-    .await
-    .map(|_| ())
-    .map_err(map_err)
+    .bind(r.meta.note_id);
+    bind_revision_after_id(query, r)
+        .execute(&mut **tx)
+        .await
+        .map(|_| ())
+        .map_err(map_err)
+}
+
+/// Binds a revision's columns after `note_id`, in `note_revisions` order: `revision` through
+/// `reason_ciphertext` (shared by `insert_revision` and `insert_note`'s single statement).
+fn bind_revision_after_id<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    r: &'q RevisionRecord,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(i64::from(r.meta.revision))
+        .bind(&r.meta.author_id)
+        .bind(r.meta.created_at_ms)
+        .bind(&r.meta.kms_key_id)
+        .bind(i64::from(r.meta.kms_key_version))
+        .bind(i64::from(r.crypto_version))
+        .bind(r.wrapped_key.as_slice())
+        .bind(r.body.nonce.as_slice())
+        .bind(r.body.ciphertext.as_slice())
+        .bind(r.reason.as_ref().map(|s| s.nonce.as_slice()))
+        .bind(r.reason.as_ref().map(|s| s.ciphertext.as_slice()))
 }
 
 fn note_from_row(row: &PgRow) -> Result<NoteRecord, StoreError> {
