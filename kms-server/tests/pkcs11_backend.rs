@@ -247,3 +247,42 @@ fn concurrent_use_from_many_threads() {
         "pool grew beyond max_sessions: {in_use} in use, {idle} idle"
     );
 }
+
+/// A no-wait call (`run_without_waiting`, what the service uses for data-key calls on its
+/// async workers) gives up instead of waiting while a key creation holds the token, and
+/// succeeds once the token is free. If it waited, it would wait for this very thread: the
+/// call runs on a helper thread with a deadline so that shows as a failure, not a hang.
+#[test]
+fn no_wait_calls_give_up_while_the_token_is_held() {
+    let key = new_key();
+    let b = token().backend.clone();
+    let attempt = |b: Arc<Pkcs11Backend>, key: Vec<u8>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sealed = None;
+            let ran = b.run_without_waiting(&mut |b| {
+                sealed = Some(b.seal(&key, b"aad", b"payload"));
+            });
+            let _ = tx.send((ran, sealed));
+        });
+        rx.recv_timeout(Duration::from_secs(3))
+            .expect("a no-wait call waited for the token")
+    };
+
+    let held = b.hold_token_exclusively();
+    let (ran, sealed) = attempt(b.clone(), key.clone());
+    assert!(!ran, "the call must report that it gave up");
+    assert!(
+        matches!(sealed, Some(Err(BackendError::Unavailable(_)))),
+        "{sealed:?}"
+    );
+    drop(held);
+
+    let (ran, sealed) = attempt(b.clone(), key.clone());
+    assert!(ran);
+    let s = sealed.unwrap().unwrap();
+    assert_eq!(
+        &b.open(&key, &s.iv, b"aad", &s.ciphertext).unwrap()[..],
+        b"payload"
+    );
+}

@@ -196,6 +196,13 @@ impl Pkcs11Backend {
         self.run(what, op)
     }
 
+    /// Holds the token as a key creation does (exclusively) until the guard is dropped. For
+    /// tests of what other calls do meanwhile; nothing in the server calls it.
+    #[doc(hidden)]
+    pub fn hold_token_exclusively(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.object_store.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// `with_session` for calls that create or destroy token objects: alone on the token.
     fn with_exclusive_session<T>(
         &self,
