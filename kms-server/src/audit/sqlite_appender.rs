@@ -175,19 +175,18 @@ fn map_err(e: rusqlite::Error) -> StoreError {
         return StoreError::Internal(format!("sqlite: {e}"));
     };
     let message = message.clone().unwrap_or_else(|| failure.to_string());
-    match failure.extended_code & 0xff {
-        // SQLITE_CONSTRAINT: SQLite names the columns, never the values.
+    match failure.extended_code {
         // SQLITE_CONSTRAINT_PRIMARYKEY / _UNIQUE: SQLite names the columns, never the values.
-        _ if matches!(failure.extended_code, 1555 | 2067) => {
-            StoreError::Conflict(if message.contains("audit_events.") {
-                "this audit event seq is already stored".into()
-            } else {
-                "a uniqueness constraint was violated".into()
-            })
+        1555 | 2067 => StoreError::Conflict(if message.contains("audit_events.") {
+            "this audit event seq is already stored".into()
+        } else {
+            "a uniqueness constraint was violated".into()
+        }),
+        // Primary codes SQLITE_BUSY, _LOCKED, _READONLY, _IOERR, _FULL, _CANTOPEN, _PROTOCOL:
+        // the database is there but cannot serve now.
+        code if matches!(code & 0xff, 5 | 6 | 8 | 10 | 13 | 14 | 15) => {
+            StoreError::Unavailable(format!("sqlite: {message}"))
         }
-        // SQLITE_BUSY, _LOCKED, _READONLY, _IOERR, _FULL, _CANTOPEN, _PROTOCOL: the database
-        // is there but cannot serve now.
-        5 | 6 | 8 | 10 | 13 | 14 | 15 => StoreError::Unavailable(format!("sqlite: {message}")),
         _ => StoreError::Internal(format!("sqlite: {message}")),
     }
 }

@@ -51,6 +51,15 @@ impl ClientState {
             ))),
         }
     }
+
+    /// Whether a note may be written for a client whose `client_keys.state` is `state` (no
+    /// row yet: its first note). Every store's write path asks this inside its transaction.
+    pub fn check_writable(state: Option<&str>) -> Result<(), StoreError> {
+        match state.map(ClientState::parse).transpose()? {
+            None | Some(ClientState::Active) => Ok(()),
+            Some(other) => Err(StoreError::ClientNotActive(other.as_str())),
+        }
+    }
 }
 
 /// A legal hold on a client: erasure is refused while it is set.

@@ -125,18 +125,13 @@ impl NoteStore for PostgresStore {
             .map_err(map_err)?;
         let client_state: Option<String> = row.try_get(0).map_err(map_err)?;
         let inserted: i64 = row.try_get(1).map_err(map_err)?;
-        match client_state
-            .as_deref()
-            .map(ClientState::parse)
-            .transpose()?
-        {
-            None | Some(ClientState::Active) if inserted == 1 => Ok(()),
-            Some(state @ (ClientState::Erasing | ClientState::Erased)) => {
-                Err(StoreError::ClientNotActive(state.as_str()))
-            }
-            _ => Err(StoreError::Internal(format!(
+        ClientState::check_writable(client_state.as_deref())?;
+        if inserted == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::Internal(format!(
                 "note insert wrote {inserted} revisions"
-            ))),
+            )))
         }
     }
 

@@ -298,10 +298,7 @@ pub(super) async fn check_client_writable(
     .fetch_optional(&mut *conn)
     .await
     .map_err(map_err)?;
-    match state.as_deref().map(ClientState::parse).transpose()? {
-        None | Some(ClientState::Active) => Ok(()),
-        Some(other) => Err(StoreError::ClientNotActive(other.as_str())),
-    }
+    ClientState::check_writable(state.as_deref())
 }
 
 #[async_trait]

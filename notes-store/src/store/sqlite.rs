@@ -4,9 +4,10 @@
 //! Durability: `synchronous = FULL`. A clinical note acknowledged to the caller must survive a
 //! power loss. New notes are group-committed by `sqlite_inserter` (one fsync for every
 //! creation queued meanwhile); every other statement goes through the sqlx pool, which runs
-//! each SQLite connection on its own worker thread, so nothing blocks the async runtime. Write transactions start with `BEGIN IMMEDIATE`: they take the write lock up front
-//! and wait for it under `busy_timeout`, so the current-revision check and the insert that
-//! follows it cannot interleave with another writer.
+//! each SQLite connection on its own worker thread, so nothing blocks the async runtime.
+//! Write transactions start with `BEGIN IMMEDIATE`: they take the write lock up front and wait
+//! for it under `busy_timeout`, so the current-revision check and the insert that follows it
+//! cannot interleave with another writer.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -213,32 +214,41 @@ impl NoteStore for SqliteStore {
     }
 }
 
+/// A note row, columns in `note_columns!` order; also used by `sqlite_inserter`.
+pub(super) const INSERT_NOTE_SQL: &str = concat!(
+    "INSERT INTO notes (",
+    note_columns!(),
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+);
+
+/// A revision row; also used by `sqlite_inserter`.
+pub(super) const INSERT_REVISION_SQL: &str =
+    "INSERT INTO note_revisions (note_id, revision, author_id, created_at_ms, kms_key_id, \
+     kms_key_version, crypto_version, wrapped_key, body_nonce, body_ciphertext, \
+     reason_nonce, reason_ciphertext) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+
 async fn insert_revision(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
     r: &RevisionRecord,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO note_revisions (note_id, revision, author_id, created_at_ms, kms_key_id, \
-         kms_key_version, crypto_version, wrapped_key, body_nonce, body_ciphertext, \
-         reason_nonce, reason_ciphertext) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-    )
-    .bind(id_text(r.meta.note_id))
-    .bind(i64::from(r.meta.revision))
-    .bind(&r.meta.author_id)
-    .bind(r.meta.created_at_ms)
-    .bind(&r.meta.kms_key_id)
-    .bind(i64::from(r.meta.kms_key_version))
-    .bind(i64::from(r.crypto_version))
-    .bind(r.wrapped_key.as_slice())
-    .bind(r.body.nonce.as_slice())
-    .bind(r.body.ciphertext.as_slice())
-    .bind(r.reason.as_ref().map(|s| s.nonce.as_slice()))
-    .bind(r.reason.as_ref().map(|s| s.ciphertext.as_slice()))
-    .execute(&mut **tx)
-    .await
-    .map(|_| ())
-    .map_err(map_err)
+    sqlx::query(INSERT_REVISION_SQL)
+        .bind(id_text(r.meta.note_id))
+        .bind(i64::from(r.meta.revision))
+        .bind(&r.meta.author_id)
+        .bind(r.meta.created_at_ms)
+        .bind(&r.meta.kms_key_id)
+        .bind(i64::from(r.meta.kms_key_version))
+        .bind(i64::from(r.crypto_version))
+        .bind(r.wrapped_key.as_slice())
+        .bind(r.body.nonce.as_slice())
+        .bind(r.body.ciphertext.as_slice())
+        .bind(r.reason.as_ref().map(|s| s.nonce.as_slice()))
+        .bind(r.reason.as_ref().map(|s| s.ciphertext.as_slice()))
+        .execute(&mut **tx)
+        .await
+        .map(|_| ())
+        .map_err(map_err)
 }
 
 /// Canonical note id text in SQLite: lower-case, hyphenated (a CHECK enforces it).

@@ -21,7 +21,8 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
 
-use super::sqlite::id_text;
+use super::sqlite::{id_text, INSERT_NOTE_SQL, INSERT_REVISION_SQL};
+use super::sqlite_keys::CLIENT_STATE_SQL;
 use super::{ClientState, NoteRecord, RevisionRecord, StoreError};
 
 /// As the pool's connections.
@@ -143,58 +144,47 @@ fn insert_one(
     first: &RevisionRecord,
 ) -> Result<(), StoreError> {
     let state: Option<String> = conn
-        .prepare_cached("SELECT state FROM client_keys WHERE site_id = ?1 AND client_id = ?2")
+        .prepare_cached(CLIENT_STATE_SQL)
         .and_then(|mut s| {
             s.query_row([&note.site_id, &note.client_id], |row| row.get(0))
                 .optional()
         })
         .map_err(|e| map_err(&e))?;
-    match state.as_deref().map(ClientState::parse).transpose()? {
-        None | Some(ClientState::Active) => {}
-        Some(other) => return Err(StoreError::ClientNotActive(other.as_str())),
-    }
-    conn.prepare_cached(
-        "INSERT INTO notes (note_id, site_id, client_id, author_id, session_date, \
-         current_revision, created_at_ms, updated_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            id_text(note.note_id),
-            note.site_id,
-            note.client_id,
-            note.author_id,
-            note.session_date,
-            i64::from(note.current_revision),
-            note.created_at_ms,
-            note.updated_at_ms
-        ])
-    })
-    .map_err(|e| map_err(&e))?;
+    ClientState::check_writable(state.as_deref())?;
+    conn.prepare_cached(INSERT_NOTE_SQL)
+        .and_then(|mut s| {
+            s.execute(params![
+                id_text(note.note_id),
+                note.site_id,
+                note.client_id,
+                note.author_id,
+                note.session_date,
+                i64::from(note.current_revision),
+                note.created_at_ms,
+                note.updated_at_ms
+            ])
+        })
+        .map_err(|e| map_err(&e))?;
     let r = first;
-    conn.prepare_cached(
-        "INSERT INTO note_revisions (note_id, revision, author_id, created_at_ms, kms_key_id, \
-         kms_key_version, crypto_version, wrapped_key, body_nonce, body_ciphertext, \
-         reason_nonce, reason_ciphertext) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            id_text(r.meta.note_id),
-            i64::from(r.meta.revision),
-            r.meta.author_id,
-            r.meta.created_at_ms,
-            r.meta.kms_key_id,
-            i64::from(r.meta.kms_key_version),
-            i64::from(r.crypto_version),
-            r.wrapped_key,
-            r.body.nonce,
-            r.body.ciphertext,
-            r.reason.as_ref().map(|s| s.nonce.as_slice()),
-            r.reason.as_ref().map(|s| s.ciphertext.as_slice())
-        ])
-    })
-    .map(|_| ())
-    .map_err(|e| map_err(&e))
+    conn.prepare_cached(INSERT_REVISION_SQL)
+        .and_then(|mut s| {
+            s.execute(params![
+                id_text(r.meta.note_id),
+                i64::from(r.meta.revision),
+                r.meta.author_id,
+                r.meta.created_at_ms,
+                r.meta.kms_key_id,
+                i64::from(r.meta.kms_key_version),
+                i64::from(r.crypto_version),
+                r.wrapped_key,
+                r.body.nonce,
+                r.body.ciphertext,
+                r.reason.as_ref().map(|s| s.nonce.as_slice()),
+                r.reason.as_ref().map(|s| s.ciphertext.as_slice())
+            ])
+        })
+        .map(|_| ())
+        .map_err(|e| map_err(&e))
 }
 
 /// The pool's classification (`sqlite::map_database_err`) for rusqlite's errors. SQLite

@@ -317,23 +317,23 @@ async fn count_in(
     Ok((count_from_db(notes)?, count_from_db(revisions)?))
 }
 
+/// A client's state (?1 site, ?2 client); also used by `sqlite_inserter`.
+pub(super) const CLIENT_STATE_SQL: &str =
+    "SELECT state FROM client_keys WHERE site_id = ?1 AND client_id = ?2";
+
 /// Refuses a write for a client whose erasure has begun. Call inside the write transaction.
 pub(super) async fn check_client_writable(
     conn: &mut SqliteConnection,
     site: &str,
     client: &str,
 ) -> Result<(), StoreError> {
-    let state: Option<String> =
-        sqlx::query_scalar("SELECT state FROM client_keys WHERE site_id = ?1 AND client_id = ?2")
-            .bind(site)
-            .bind(client)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(map_err)?;
-    match state.as_deref().map(ClientState::parse).transpose()? {
-        None | Some(ClientState::Active) => Ok(()),
-        Some(other) => Err(StoreError::ClientNotActive(other.as_str())),
-    }
+    let state: Option<String> = sqlx::query_scalar(CLIENT_STATE_SQL)
+        .bind(site)
+        .bind(client)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(map_err)?;
+    ClientState::check_writable(state.as_deref())
 }
 
 /// One statement per shape of a re-wrap page: an `(?3 IS NULL OR ...)` condition keeps SQLite

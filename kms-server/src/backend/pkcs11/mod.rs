@@ -49,9 +49,10 @@ pub struct Pkcs11Settings {
     /// How long a request waits for a free session before UNAVAILABLE.
     pub acquire_timeout: Duration,
     /// Whether seal/open/random may run on the caller's (async) thread when the token and a
-    /// session are free at once ([`KeyBackend::run_without_waiting`]). Right for a token whose calls take tens of µs
-    /// (SoftHSM, a PCIe HSM): the hand-off to the blocking pool costs two thread wake-ups, more
-    /// than the call. Wrong for a network HSM whose calls take milliseconds.
+    /// session are free at once ([`KeyBackend::run_without_waiting`]). Right for a token whose
+    /// calls take tens of µs (SoftHSM, a PCIe HSM): the hand-off to the blocking pool costs two
+    /// thread wake-ups, more than the call. Wrong for a network HSM whose calls take
+    /// milliseconds.
     pub inline_calls: bool,
 }
 

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -65,6 +65,10 @@ struct PoolState {
     waiting: usize,
 }
 
+fn poisoned() -> BackendError {
+    BackendError::Internal("pkcs11 pool lock poisoned".into())
+}
+
 pub(super) struct SessionPool {
     ctx: Pkcs11,
     token_label: String,
@@ -114,20 +118,28 @@ impl SessionPool {
 
     /// `acquire` without waiting: `None` when every session is lent out.
     pub(super) fn try_acquire(&self) -> Result<Option<PooledSession<'_>>, BackendError> {
-        let poisoned = || BackendError::Internal("pkcs11 pool lock poisoned".into());
-        let mut state = self.state.lock().map_err(|_| poisoned())?;
+        let state = self.state.lock().map_err(|_| poisoned())?;
+        Ok(self.take_free(state)?.ok())
+    }
+
+    /// An idle session, or a new one while the pool is below its size; otherwise the state
+    /// back, still locked, for the caller to wait on (or not).
+    fn take_free<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, PoolState>,
+    ) -> Result<Result<PooledSession<'a>, MutexGuard<'a, PoolState>>, BackendError> {
         if let Some(session) = state.idle.pop() {
             state.in_use += 1;
             drop(state);
-            return self.lend(session).map(Some);
+            return self.lend(session).map(Ok);
         }
         if state.in_use + state.idle.len() >= self.max_sessions {
-            return Ok(None);
+            return Ok(Err(state));
         }
         state.in_use += 1;
         drop(state);
         match self.open_session_recovering() {
-            Ok(session) => self.lend(session).map(Some),
+            Ok(session) => self.lend(session).map(Ok),
             Err(e) => {
                 self.release_slot();
                 Err(e)
@@ -139,25 +151,12 @@ impl SessionPool {
     /// `acquire_timeout` for a free slot.
     pub(super) fn acquire(&self) -> Result<PooledSession<'_>, BackendError> {
         let deadline = Instant::now() + self.acquire_timeout;
-        let poisoned = || BackendError::Internal("pkcs11 pool lock poisoned".into());
         let mut state = self.state.lock().map_err(|_| poisoned())?;
         loop {
-            if let Some(session) = state.idle.pop() {
-                state.in_use += 1;
-                drop(state);
-                return self.lend(session);
-            }
-            if state.in_use + state.idle.len() < self.max_sessions {
-                state.in_use += 1;
-                drop(state);
-                return match self.open_session_recovering() {
-                    Ok(session) => self.lend(session),
-                    Err(e) => {
-                        self.release_slot();
-                        Err(e)
-                    }
-                };
-            }
+            state = match self.take_free(state)? {
+                Ok(session) => return Ok(session),
+                Err(state) => state,
+            };
             let now = Instant::now();
             if now >= deadline {
                 return Err(BackendError::Unavailable(
