@@ -76,6 +76,29 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// One integer from fixed SQL (NULL or no row: `None`), on a connection of its own.
+    async fn scalar(&self, sql: &'static str) -> Option<i64> {
+        if self.pg_database.is_some() {
+            let mut conn = sqlx::PgConnection::connect(&self.url).await.unwrap();
+            let v: Option<Option<i64>> = sqlx::query_scalar(sql)
+                .fetch_optional(&mut conn)
+                .await
+                .unwrap();
+            let _ = conn.close().await;
+            v.flatten()
+        } else {
+            let mut conn = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
+            let v: Option<Option<i64>> = sqlx::query_scalar(sql)
+                .fetch_optional(&mut conn)
+                .await
+                .unwrap();
+            let _ = conn.close().await;
+            v.flatten()
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some(name) = self.pg_database.take() {
@@ -113,6 +136,7 @@ store_tests!(
     last_event_resumes_the_chain,
     batches_that_do_not_continue_the_chain_are_refused,
     query_filters,
+    context_queries_read_the_lookup_table_and_the_unindexed_tail,
     checkpoints_store_range_last,
     probe_write_updates_the_probe_row,
     read_back_verifies_with_a_signed_checkpoint,
@@ -357,6 +381,85 @@ async fn batches_that_do_not_continue_the_chain_are_refused(db: TestDb) {
 }
 
 /// What `query_events` must return, computed in memory.
+/// Context lookups come from two tables (migration 0004): the lookup table, which the SQLite
+/// appender fills behind the chain every few hundred events, and the pairs of the events after
+/// it. A query must find every event either way, on both databases.
+async fn context_queries_read_the_lookup_table_and_the_unindexed_tail(db: TestDb) {
+    let store = db.audit.as_ref();
+    let (_, a) = chain_of("kms-a", 700);
+    let (_, b) = chain_of("kms-b", 30);
+    append_in_batches(store, &a[..300], 16).await;
+    append_in_batches(store, &b, 7).await;
+    append_in_batches(store, &a[300..], 16).await;
+    let all = [a.clone(), b.clone()].concat();
+
+    let through_a = db
+        .scalar("SELECT through_seq FROM audit_context_indexed WHERE node_id = 'kms-a'")
+        .await;
+    let indexed_pairs = db
+        .scalar("SELECT count(*) FROM audit_context_index WHERE node_id = 'kms-a'")
+        .await
+        .unwrap();
+    if db.pg_database.is_some() {
+        // PostgreSQL indexes in the batch's transaction: no lag, no row.
+        assert_eq!(through_a, None);
+        let stored_pairs = db
+            .scalar("SELECT count(*) FROM audit_event_context WHERE node_id = 'kms-a'")
+            .await
+            .unwrap();
+        assert_eq!(indexed_pairs, stored_pairs);
+    } else {
+        // SQLite: passes ran (every 256 events), and the last events are not indexed yet, so
+        // the queries below read both parts.
+        let through = through_a.expect("kms-a has an indexed_through row");
+        assert!((256..700).contains(&through), "through_seq {through}");
+        let indexed_max = db
+            .scalar("SELECT max(seq) FROM audit_context_index WHERE node_id = 'kms-a'")
+            .await
+            .expect("the lookup table holds pairs of kms-a");
+        assert!(
+            indexed_max <= through,
+            "indexed seq {indexed_max} > {through}"
+        );
+        assert!(indexed_pairs > 0);
+    }
+
+    let ctx = |k: &str, v: &str| EventFilter {
+        context: Some((k.to_owned(), v.to_owned())),
+        ..EventFilter::default()
+    };
+    let filters = [
+        ctx("client", "c-0"),
+        ctx("client", "c-2"),
+        ctx("note_id", "n-3"),
+        ctx("note_id", "n-690"),
+        ctx("patient_id", "p-ü42"),
+        EventFilter {
+            node_id: Some("kms-a".to_owned()),
+            after_seq: Some(250),
+            ..ctx("client", "c-1")
+        },
+        ctx("client", "c-9"),
+    ];
+    for filter in &filters {
+        let expected: Vec<AuditEvent> =
+            all.iter().filter(|e| matches(e, filter)).cloned().collect();
+        let got = store.query_events(filter, ALL).await.unwrap();
+        assert_eq!(got.len(), expected.len(), "filter {filter:?}");
+        assert_eq!(got, expected, "filter {filter:?}");
+    }
+    // Both parts hold matches for a common pair.
+    let c0: Vec<u64> = store
+        .query_events(&ctx("client", "c-0"), ALL)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.node_id == "kms-a")
+        .map(|e| e.seq)
+        .collect();
+    assert!(c0.first().is_some_and(|s| *s < 256) && c0.last().is_some_and(|s| *s > 600));
+}
+
 fn matches(e: &AuditEvent, f: &EventFilter) -> bool {
     let eq = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
     eq(&f.node_id, &e.node_id)
@@ -615,6 +718,135 @@ async fn nul_and_injection_text_round_trip(db: TestDb) {
         .await,
         [event]
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upgrade: a database written before migration 0004 (context pairs indexed in place)
+
+/// SQL literal of a test string (test data only; no value here holds a NUL).
+fn lit(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// INSERTs for `events` as the stores wrote them before migration 0004.
+fn pre_0004_rows(events: &[AuditEvent]) -> String {
+    let mut sql = String::new();
+    for e in events {
+        let json = serde_json::to_string(e).unwrap();
+        let key_id = e.key_id.as_deref().map_or("NULL".to_owned(), lit);
+        sql += &format!(
+            "INSERT INTO audit_events (node_id, seq, time_ms, caller, operation, key_id, outcome, \
+             event_json, hash) VALUES ({}, {}, {}, {}, {}, {key_id}, {}, {}, {});\n",
+            lit(&e.node_id),
+            e.seq,
+            e.time_ms,
+            lit(&e.caller),
+            lit(&e.operation),
+            lit(&e.outcome),
+            lit(&json),
+            lit(&e.hash),
+        );
+        for (k, v) in &e.context {
+            sql += &format!(
+                "INSERT INTO audit_event_context (node_id, seq, k, v) VALUES ({}, {}, {}, {});\n",
+                lit(&e.node_id),
+                e.seq,
+                lit(k),
+                lit(v)
+            );
+        }
+    }
+    sql
+}
+
+/// The migrations of `db` ("sqlite" or "postgres") before 0004, in a directory of their own.
+fn migrations_before_0004(db: &str) -> TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(db);
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.as_str() < "0004" {
+            std::fs::copy(&path, dir.path().join(&name)).unwrap();
+        }
+    }
+    dir
+}
+
+/// Events stored before the upgrade are found by context afterwards (the migration indexes
+/// them), and so are events appended after it (on SQLite, the first batch adds the node's
+/// `through_seq` row just before itself). `url` holds the schema before 0004 and, as
+/// [`pre_0004_rows`] wrote them, the first 200 events of `chain_of("kms-a", 300)`.
+async fn upgrade_keeps_context_lookups(url: &str) {
+    let (_, a) = chain_of("kms-a", 300);
+    let (_, store) = store::connect_both(url)
+        .await
+        .expect("migrate to the current schema");
+    append_in_batches(store.as_ref(), &a[200..], 10).await;
+    for (k, v) in [("client", "c-1"), ("note_id", "n-7"), ("note_id", "n-250")] {
+        let filter = EventFilter {
+            context: Some((k.to_owned(), v.to_owned())),
+            ..EventFilter::default()
+        };
+        let expected: Vec<AuditEvent> = a.iter().filter(|e| matches(e, &filter)).cloned().collect();
+        assert!(!expected.is_empty());
+        let got = store.query_events(&filter, ALL).await.unwrap();
+        assert_eq!(got, expected, "{k}={v}");
+    }
+}
+
+#[tokio::test]
+async fn sqlite_upgrade_to_0004_keeps_context_lookups() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("kms.db").display());
+    let options = url
+        .parse::<sqlx::sqlite::SqliteConnectOptions>()
+        .unwrap()
+        .create_if_missing(true);
+    let mut conn = sqlx::SqliteConnection::connect_with(&options)
+        .await
+        .unwrap();
+    let migrations = migrations_before_0004("sqlite");
+    let migrator = sqlx::migrate::Migrator::new(migrations.path())
+        .await
+        .unwrap();
+    migrator.run(&mut conn).await.unwrap();
+    let (_, a) = chain_of("kms-a", 300);
+    let rows = pre_0004_rows(&a[..200]);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(rows))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let _ = conn.close().await;
+    upgrade_keeps_context_lookups(&url).await;
+}
+
+#[tokio::test]
+async fn postgres_upgrade_to_0004_keeps_context_lookups() {
+    struct Dropped(String);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            common::drop_pg_database(&self.0);
+        }
+    }
+    let (name, url) = common::create_pg_database().await;
+    let _dropped = Dropped(name);
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    let migrations = migrations_before_0004("postgres");
+    let migrator = sqlx::migrate::Migrator::new(migrations.path())
+        .await
+        .unwrap();
+    migrator.run(&mut conn).await.unwrap();
+    let (_, a) = chain_of("kms-a", 300);
+    let rows = pre_0004_rows(&a[..200]);
+    sqlx::raw_sql(sqlx::AssertSqlSafe(rows))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let _ = conn.close().await;
+    upgrade_keeps_context_lookups(&url).await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -167,9 +167,15 @@ async fn insert_context(conn: &mut PgConnection, batch: &EventBatch) -> Result<(
     let seqs: Vec<i64> = rows.iter().map(|c| c.seq).collect();
     let keys: Vec<&str> = rows.iter().map(|c| c.k.as_str()).collect();
     let values: Vec<&str> = rows.iter().map(|c| c.v.as_str()).collect();
+    // Both tables in the batch's transaction, one statement: PostgreSQL keeps the lookup table
+    // complete and never adds an `audit_context_indexed` row (migration 0004's rule).
     sqlx::query(
-        "INSERT INTO audit_event_context (node_id, seq, k, v) \
-         SELECT $1, u.* FROM UNNEST($2::int8[], $3::text[], $4::text[]) AS u",
+        "WITH pairs AS ( \
+             SELECT u.* FROM UNNEST($2::int8[], $3::text[], $4::text[]) AS u (seq, k, v) \
+         ), stored AS ( \
+             INSERT INTO audit_event_context (node_id, seq, k, v) SELECT $1, seq, k, v FROM pairs \
+         ) \
+         INSERT INTO audit_context_index (k, v, node_id, seq) SELECT k, v, $1, seq FROM pairs",
     )
     .bind(batch.node_id.as_str())
     .bind(seqs)

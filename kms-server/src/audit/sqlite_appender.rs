@@ -12,6 +12,14 @@
 //! Other writes of the process wait for their turn on the store's fair mutex, which this
 //! thread takes around each batch (see `SqliteStore::write_turn`).
 //!
+//! The thread also fills the context lookup table behind the chain (migration 0004 says why
+//! and states the rule queries rely on): each batch stores its pairs in `audit_event_context`
+//! only, and once [`INDEX_EVERY`] events of the node are not indexed yet, the thread copies
+//! their pairs to `audit_context_index`, sorted, and advances the node's `through_seq`, in one
+//! transaction of its own, after the batch's callers have their answer. A failed pass changes
+//! nothing (queries read the pairs from `audit_event_context` meanwhile) and the next batch
+//! tries again.
+//!
 //! Semantics are those of the pool's transactions: `BEGIN IMMEDIATE` (write lock up front,
 //! `busy_timeout` for other writers), the chain head checked under the lock, `synchronous =
 //! FULL` (the batch is on disk when COMMIT returns). After any error the connection is dropped
@@ -30,6 +38,11 @@ use crate::store::StoreError;
 
 /// As the pool's connections (`store::sqlite`): how long a batch waits for another writer.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Events of a node not yet in the context lookup table that trigger an indexing pass. A pass
+/// writes each distinct (k, v) page once for all of them; queries read at most this many
+/// events' pairs (plus one batch) from `audit_event_context` instead.
+pub const INDEX_EVERY: i64 = 256;
 
 struct Job {
     batch: EventBatch,
@@ -70,7 +83,19 @@ impl SqliteAppender {
                     if result.is_err() {
                         conn = None;
                     }
-                    let _ = job.done.send(result);
+                    let index_due = matches!(result, Ok(true));
+                    let _ = job.done.send(result.map(|_| ()));
+                    if index_due {
+                        let _turn = match write_turn.try_lock() {
+                            Ok(turn) => turn,
+                            Err(_) => write_turn.blocking_lock(),
+                        };
+                        if let Err(e) = index_context(&mut conn, &job.batch) {
+                            // Nothing changed: queries still find these pairs (see above).
+                            tracing::warn!(error = %e, "audit context indexing pass failed; will retry");
+                            conn = None;
+                        }
+                    }
                 }
             })?;
         Ok(SqliteAppender { jobs })
@@ -101,12 +126,13 @@ fn open(path: &PathBuf, read_only: bool) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Writes the batch; `Ok(true)` when an indexing pass is due.
 fn append(
     conn: &mut Option<Connection>,
     path: &PathBuf,
     read_only: bool,
     batch: &EventBatch,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let conn = match conn {
         Some(c) => c,
         None => conn.insert(open(path, read_only).map_err(map_err)?),
@@ -128,7 +154,9 @@ impl From<rusqlite::Error> for BatchError {
     }
 }
 
-fn write_batch(conn: &mut Connection, batch: &EventBatch) -> Result<(), BatchError> {
+/// One batch in one transaction; returns whether the node's unindexed events reach
+/// [`INDEX_EVERY`].
+fn write_batch(conn: &mut Connection, batch: &EventBatch) -> Result<bool, BatchError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     // Under the write lock: no other writer can move the head before COMMIT.
     let head: Option<(i64, String)> = tx
@@ -164,9 +192,47 @@ fn write_batch(conn: &mut Connection, batch: &EventBatch) -> Result<(), BatchErr
             context.execute(params![batch.node_id, pair.seq, pair.k, pair.v])?;
         }
     }
+    // A node without a row has every stored event indexed (migration 0004), so its row starts
+    // just before this batch.
+    tx.prepare_cached(
+        "INSERT INTO audit_context_indexed (node_id, through_seq) VALUES (?1, ?2) \
+         ON CONFLICT (node_id) DO NOTHING",
+    )?
+    .execute(params![batch.node_id, batch.first_seq() - 1])?;
+    let through = indexed_through(&tx, &batch.node_id)?;
     // Dropping `tx` on any error above rolls the whole batch back.
     tx.commit()?;
-    Ok(())
+    Ok(batch.last_seq() - through >= INDEX_EVERY)
+}
+
+fn indexed_through(conn: &Connection, node_id: &str) -> rusqlite::Result<i64> {
+    conn.prepare_cached("SELECT through_seq FROM audit_context_indexed WHERE node_id = ?1")?
+        .query_row([node_id], |row| row.get(0))
+}
+
+/// Copies the pairs of the node's events after its `through_seq`, up to the end of `batch`
+/// (committed), to the lookup table, and advances `through_seq`: one transaction.
+fn index_context(conn: &mut Option<Connection>, batch: &EventBatch) -> rusqlite::Result<()> {
+    // The batch was just written on this connection; if it is gone, so is the pass.
+    let Some(conn) = conn else {
+        return Ok(());
+    };
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let through = indexed_through(&tx, &batch.node_id)?;
+    let upto = batch.last_seq();
+    if through < upto {
+        // Sorted, so each page of the lookup table is written once in the pass. OR IGNORE:
+        // a pair already there is the same row (the key is the whole row).
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO audit_context_index (k, v, node_id, seq) \
+             SELECT k, v, node_id, seq FROM audit_event_context \
+             WHERE node_id = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY k, v, seq",
+        )?
+        .execute(params![batch.node_id, through, upto])?;
+        tx.prepare_cached("UPDATE audit_context_indexed SET through_seq = ?2 WHERE node_id = ?1")?
+            .execute(params![batch.node_id, upto])?;
+    }
+    tx.commit()
 }
 
 /// The pool's classification (`store::sqlite::map_sqlite_err`) for rusqlite's errors.

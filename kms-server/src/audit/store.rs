@@ -147,6 +147,16 @@ impl EventBatch {
         }))
     }
 
+    /// The seq of the batch's first event, as stored.
+    pub fn first_seq(&self) -> i64 {
+        self.first_seq
+    }
+
+    /// The seq of the batch's last event, as stored.
+    pub fn last_seq(&self) -> i64 {
+        self.events.last().map_or(self.first_seq, |e| e.seq)
+    }
+
     /// Checks, inside the writing transaction, that the batch continues the node's stored
     /// chain: `head` is the stored (seq, hash) of its last event, `None` for an empty chain.
     /// Otherwise `Conflict`: another writer got there first, or the caller's chain head moved
@@ -217,10 +227,14 @@ pub(super) fn probe_time_ms() -> i64 {
 /// `SELECT e.event_json FROM audit_events AS e WHERE …` for `filter`, ordered by (node_id,
 /// seq), at most `limit` rows. Every value is a bound parameter; only fixed SQL is pushed.
 ///
-/// The context filter is a semi-join on `audit_event_context` written as a row-value `IN`, not
-/// `EXISTS`: the same rows, but SQLite (3.51) runs a correlated `EXISTS` once per candidate
-/// event (a scan of the whole chain for a rare client), while `IN` reads the `(k, v)` index.
-/// PostgreSQL plans both as the same semi-join.
+/// With a context filter the query starts from the events that have the pair and looks each
+/// one up by its key (`CROSS JOIN` makes SQLite keep that order; without it, SQLite 3.51
+/// scanned the whole chain in seq order and probed the pairs). The pairs come from two places
+/// (migration 0004 states the rule): `audit_context_index` for every event up to its node's
+/// `through_seq` (or all of a node's events when it has no `audit_context_indexed` row), and
+/// `audit_event_context` for the events after it, which the SQLite appender has not indexed
+/// yet (a few hundred at most, read by their key range). `UNION` (not `ALL`): an event listed
+/// by both parts, which the rule excludes, still comes out once.
 pub(super) fn events_query<DB>(filter: &EventFilter, limit: u32) -> QueryBuilder<DB>
 where
     DB: Database,
@@ -228,7 +242,31 @@ where
     String: for<'a> Encode<'a, DB> + Type<DB>,
     i64: for<'a> Encode<'a, DB> + Type<DB>,
 {
-    let mut q = QueryBuilder::new("SELECT e.event_json FROM audit_events AS e WHERE 1 = 1");
+    let mut q = QueryBuilder::new("SELECT e.event_json FROM ");
+    match &filter.context {
+        None => {
+            q.push("audit_events AS e WHERE 1 = 1");
+        }
+        Some((k, v)) => {
+            let (k, v) = (index_text(k), index_text(v));
+            q.push("(SELECT x.node_id, x.seq FROM audit_context_index AS x WHERE x.k = ")
+                .push_bind(k.clone())
+                .push(" AND x.v = ")
+                .push_bind(v.clone())
+                .push(
+                    " UNION SELECT c.node_id, c.seq FROM audit_context_indexed AS w \
+                 CROSS JOIN audit_event_context AS c \
+                 WHERE c.node_id = w.node_id AND c.seq > w.through_seq AND c.k = ",
+                )
+                .push_bind(k)
+                .push(" AND c.v = ")
+                .push_bind(v)
+                .push(
+                    ") AS m CROSS JOIN audit_events AS e \
+                 WHERE e.node_id = m.node_id AND e.seq = m.seq",
+                );
+        }
+    }
     let text_filters = [
         (" AND e.node_id = ", &filter.node_id),
         (" AND e.key_id = ", &filter.key_id),
@@ -252,16 +290,6 @@ where
     }
     if let Some(to) = filter.to_seq {
         q.push(" AND e.seq <= ").push_bind(seq_bound(to));
-    }
-    if let Some((k, v)) = &filter.context {
-        q.push(
-            " AND (e.node_id, e.seq) IN (SELECT c.node_id, c.seq FROM audit_event_context AS c \
-             WHERE c.k = ",
-        )
-        .push_bind(index_text(k))
-        .push(" AND c.v = ")
-        .push_bind(index_text(v))
-        .push(")");
     }
     q.push(" ORDER BY e.node_id, e.seq LIMIT ")
         .push_bind(i64::from(limit));
