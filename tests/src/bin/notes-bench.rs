@@ -3,6 +3,10 @@
 //! throughput measured in the same run; and the durable audit event rate of that KMS while
 //! GenerateDataKey runs at full load (every answered call must have its event: `dropped`).
 //!
+//! The ratio's denominator is GenerateDataKey measured right before and right after each
+//! notes measurement (their mean; both are in the line): this VM's speed drifts by up to 2x
+//! within minutes, and one baseline at the start of the run made ratios swing both ways.
+//!
 //! One self-contained run: the harness starts a kms-server (own token, PKI, SQLite, free port)
 //! and one notes-store per database. Progress goes to stderr; stdout carries one JSON line per
 //! benchmark. Load generator and servers share the machine's cores: the figures say so.
@@ -289,7 +293,7 @@ async fn run(args: Args) -> Result<()> {
         "notes-bench: kms_generate_data_key: {} streams over {} connections, {} s warm-up + {} s",
         args.streams, args.channels, args.warmup, args.seconds
     );
-    let gdk = load(args.streams, args.warmup, args.seconds, gdk_call).await?;
+    let gdk = load(args.streams, args.warmup, args.seconds, gdk_call.clone()).await?;
     let gdk_rate = gdk.ops_per_s();
     emit(&[
         ("bench", json!("kms_generate_data_key")),
@@ -388,7 +392,7 @@ async fn run(args: Args) -> Result<()> {
             }
             other => bail!("unknown --db {other:?} (sqlite, pg-tcp, pg-unix)"),
         };
-        let result = bench_notes(&args, &kms, url, label, gdk_rate, body.clone()).await;
+        let result = bench_notes(&args, &kms, url, label, &gdk_call, body.clone()).await;
         if let Some(name) = pg_name {
             pg::drop_database(&name).await;
         }
@@ -402,7 +406,7 @@ async fn bench_notes(
     kms: &KmsServer,
     database_url: Option<String>,
     db: &str,
-    gdk_rate: f64,
+    gdk_call: &Call,
     body: Arc<String>,
 ) -> Result<()> {
     let shown_url = database_url.clone().unwrap_or_else(|| "sqlite file".into());
@@ -453,8 +457,17 @@ async fn bench_notes(
         })
     };
     first_notes(args, db, &create).await?;
+    let gdk_baseline = || load(args.streams, args.warmup, args.seconds, gdk_call.clone());
+    let gdk_before_create = gdk_baseline().await?.ops_per_s();
     let stats = load(args.streams, args.warmup, args.seconds, create).await?;
-    emit_notes("notes_create", db, args, &stats, gdk_rate);
+    let gdk_after_create = gdk_baseline().await?.ops_per_s();
+    emit_notes(
+        "notes_create",
+        db,
+        args,
+        &stats,
+        (gdk_before_create, gdk_after_create),
+    );
 
     let ids: Arc<Vec<String>> = Arc::new(std::mem::take(
         &mut *ids.lock().unwrap_or_else(|e| e.into_inner()),
@@ -479,7 +492,14 @@ async fn bench_notes(
         })
     };
     let stats = load(args.streams, args.warmup, args.seconds, get).await?;
-    emit_notes("notes_get", db, args, &stats, gdk_rate);
+    let gdk_after_get = gdk_baseline().await?.ops_per_s();
+    emit_notes(
+        "notes_get",
+        db,
+        args,
+        &stats,
+        (gdk_after_create, gdk_after_get),
+    );
     Ok(())
 }
 
@@ -517,8 +537,11 @@ async fn first_notes(args: &Args, db: &str, create: &Call) -> Result<()> {
     Ok(())
 }
 
-fn emit_notes(bench: &str, db: &str, args: &Args, stats: &Stats, gdk_rate: f64) {
+/// `gdk`: GenerateDataKey ops/s measured right before and right after `stats`; the ratio is
+/// against their mean.
+fn emit_notes(bench: &str, db: &str, args: &Args, stats: &Stats, gdk: (f64, f64)) {
     let rate = stats.ops_per_s();
+    let gdk_rate = (gdk.0 + gdk.1) / 2.0;
     let ratio = if gdk_rate > 0.0 {
         round(rate / gdk_rate, 3)
     } else {
@@ -532,6 +555,8 @@ fn emit_notes(bench: &str, db: &str, args: &Args, stats: &Stats, gdk_rate: f64) 
         ("p99_ms", json!(round(stats.percentile_ms(0.99), 3))),
         ("kms_gdk_ops_per_s", json!(round(gdk_rate, 1))),
         ("ratio", json!(ratio)),
+        ("kms_gdk_before_ops_per_s", json!(round(gdk.0, 1))),
+        ("kms_gdk_after_ops_per_s", json!(round(gdk.1, 1))),
         ("ops", json!(stats.ok_window)),
         ("errors", json!(stats.errors)),
         ("streams", json!(args.streams)),
