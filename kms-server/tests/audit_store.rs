@@ -797,6 +797,25 @@ async fn upgrade_keeps_context_lookups(url: &str) {
     }
 }
 
+/// On an open connection `$conn` to a new database: the migrations of `$db` before 0004, the
+/// first 200 events of `chain_of("kms-a", 300)` stored as they were then; closes `$conn`.
+macro_rules! pre_0004_database {
+    ($conn:ident, $db:literal) => {{
+        let migrations = migrations_before_0004($db);
+        let migrator = sqlx::migrate::Migrator::new(migrations.path())
+            .await
+            .unwrap();
+        migrator.run(&mut $conn).await.unwrap();
+        let (_, a) = chain_of("kms-a", 300);
+        let rows = pre_0004_rows(&a[..200]);
+        sqlx::raw_sql(sqlx::AssertSqlSafe(rows))
+            .execute(&mut $conn)
+            .await
+            .unwrap();
+        let _ = $conn.close().await;
+    }};
+}
+
 #[tokio::test]
 async fn sqlite_upgrade_to_0004_keeps_context_lookups() {
     let dir = tempfile::tempdir().unwrap();
@@ -808,18 +827,7 @@ async fn sqlite_upgrade_to_0004_keeps_context_lookups() {
     let mut conn = sqlx::SqliteConnection::connect_with(&options)
         .await
         .unwrap();
-    let migrations = migrations_before_0004("sqlite");
-    let migrator = sqlx::migrate::Migrator::new(migrations.path())
-        .await
-        .unwrap();
-    migrator.run(&mut conn).await.unwrap();
-    let (_, a) = chain_of("kms-a", 300);
-    let rows = pre_0004_rows(&a[..200]);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(rows))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let _ = conn.close().await;
+    pre_0004_database!(conn, "sqlite");
     upgrade_keeps_context_lookups(&url).await;
 }
 
@@ -834,18 +842,7 @@ async fn postgres_upgrade_to_0004_keeps_context_lookups() {
     let (name, url) = common::create_pg_database().await;
     let _dropped = Dropped(name);
     let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-    let migrations = migrations_before_0004("postgres");
-    let migrator = sqlx::migrate::Migrator::new(migrations.path())
-        .await
-        .unwrap();
-    migrator.run(&mut conn).await.unwrap();
-    let (_, a) = chain_of("kms-a", 300);
-    let rows = pre_0004_rows(&a[..200]);
-    sqlx::raw_sql(sqlx::AssertSqlSafe(rows))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let _ = conn.close().await;
+    pre_0004_database!(conn, "postgres");
     upgrade_keeps_context_lookups(&url).await;
 }
 
