@@ -26,6 +26,24 @@ const ALL: u32 = 10_000;
 // ---------------------------------------------------------------------------------------------
 // Harness
 
+/// Runs `$body` with `$conn` bound to a new connection to the test database (PostgreSQL or
+/// SQLite), then closes it; the value is the body's.
+macro_rules! on_own_connection {
+    ($db:expr, |$conn:ident| $body:block) => {
+        if $db.pg_database.is_some() {
+            let mut $conn = sqlx::PgConnection::connect(&$db.url).await.unwrap();
+            let value = $body;
+            let _ = $conn.close().await;
+            value
+        } else {
+            let mut $conn = sqlx::SqliteConnection::connect(&$db.url).await.unwrap();
+            let value = $body;
+            let _ = $conn.close().await;
+            value
+        }
+    };
+}
+
 struct TestDb {
     audit: Arc<dyn AuditStore>,
     url: String,
@@ -64,38 +82,20 @@ impl TestDb {
 
     /// Runs fixed SQL on a connection of its own, below the trait (to tamper with rows).
     async fn raw(&self, sql: &'static str) {
-        if self.pg_database.is_some() {
-            let mut conn = sqlx::PgConnection::connect(&self.url).await.unwrap();
+        on_own_connection!(self, |conn| {
             sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
-            let _ = conn.close().await;
-        } else {
-            let mut conn = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
-            sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
-            let _ = conn.close().await;
-        }
+        })
     }
-}
 
-impl TestDb {
     /// One integer from fixed SQL (NULL or no row: `None`), on a connection of its own.
     async fn scalar(&self, sql: &'static str) -> Option<i64> {
-        if self.pg_database.is_some() {
-            let mut conn = sqlx::PgConnection::connect(&self.url).await.unwrap();
+        on_own_connection!(self, |conn| {
             let v: Option<Option<i64>> = sqlx::query_scalar(sql)
                 .fetch_optional(&mut conn)
                 .await
                 .unwrap();
-            let _ = conn.close().await;
             v.flatten()
-        } else {
-            let mut conn = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
-            let v: Option<Option<i64>> = sqlx::query_scalar(sql)
-                .fetch_optional(&mut conn)
-                .await
-                .unwrap();
-            let _ = conn.close().await;
-            v.flatten()
-        }
+        })
     }
 }
 

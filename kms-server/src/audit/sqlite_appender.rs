@@ -42,7 +42,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Events of a node not yet in the context lookup table that trigger an indexing pass. A pass
 /// writes each distinct (k, v) page once for all of them; queries read at most this many
 /// events' pairs (plus one batch) from `audit_event_context` instead.
-pub const INDEX_EVERY: i64 = 256;
+const INDEX_EVERY: i64 = 256;
 
 struct Job {
     batch: EventBatch,
@@ -71,13 +71,7 @@ impl SqliteAppender {
             .spawn(move || {
                 let mut conn = None;
                 for job in rx {
-                    // try_lock first: the uncontended case is nearly every batch, and
-                    // blocking_lock alone (tokio's block_on machinery on every call) halved
-                    // GenerateDataKey throughput, 6.2-6.8k -> 3.2-3.6k ops/s measured.
-                    let turn = match write_turn.try_lock() {
-                        Ok(turn) => turn,
-                        Err(_) => write_turn.blocking_lock(),
-                    };
+                    let turn = take_turn(&write_turn);
                     let result = append(&mut conn, &path, read_only, &job.batch);
                     drop(turn);
                     if result.is_err() {
@@ -86,10 +80,7 @@ impl SqliteAppender {
                     let index_due = matches!(result, Ok(true));
                     let _ = job.done.send(result.map(|_| ()));
                     if index_due {
-                        let _turn = match write_turn.try_lock() {
-                            Ok(turn) => turn,
-                            Err(_) => write_turn.blocking_lock(),
-                        };
+                        let _turn = take_turn(&write_turn);
                         if let Err(e) = index_context(&mut conn, &job.batch) {
                             // Nothing changed: queries still find these pairs (see above).
                             tracing::warn!(error = %e, "audit context indexing pass failed; will retry");
@@ -109,6 +100,16 @@ impl SqliteAppender {
             .map_err(|_| StoreError::Unavailable("the audit appender thread is gone".into()))?;
         wait.await
             .map_err(|_| StoreError::Unavailable("the audit appender thread is gone".into()))?
+    }
+}
+
+/// The process's SQLite write turn, from this (non-async) thread. try_lock first: the
+/// uncontended case is nearly every batch, and blocking_lock alone (tokio's block_on machinery
+/// on every call) halved GenerateDataKey throughput, 6.2-6.8k -> 3.2-3.6k ops/s measured.
+fn take_turn(turn: &tokio::sync::Mutex<()>) -> tokio::sync::MutexGuard<'_, ()> {
+    match turn.try_lock() {
+        Ok(guard) => guard,
+        Err(_) => turn.blocking_lock(),
     }
 }
 
