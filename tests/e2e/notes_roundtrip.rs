@@ -25,7 +25,9 @@ async fn round_trip(notes: &NotesServer) {
     assert_eq!(created.revision, 1);
     assert!(created.created_at_unix_ms > 0);
     let id = created.note_id.clone();
-    uuid::Uuid::parse_str(&id).unwrap();
+    // Time-ordered (version 7), so the databases' note-id indexes grow at their right edge.
+    let first_id = uuid::Uuid::parse_str(&id).unwrap();
+    assert_eq!(first_id.get_version_num(), 7, "{id}");
 
     let got = c.get_note(get_request(&id, 0)).await.unwrap().into_inner();
     assert_eq!(got.body, body);
@@ -106,9 +108,13 @@ async fn round_trip(notes: &NotesServer) {
         ("client-17", "2024-06-01"),
         ("client-18", "2024-05-02"),
     ] {
-        c.create_note(create_request("site-a", client, date, "x"))
+        let later = c
+            .create_note(create_request("site-a", client, date, "x"))
             .await
-            .unwrap();
+            .unwrap()
+            .into_inner();
+        let later_id = uuid::Uuid::parse_str(&later.note_id).unwrap();
+        assert!(later_id > first_id, "{later_id} sorts before {first_id}");
     }
     let mut dates = Vec::new();
     let mut token = String::new();
