@@ -226,8 +226,11 @@ async fn insert_and_read_back(db: TestDb) {
     assert_eq!(s.get_note(n.note_id).await.unwrap(), Some(n));
 }
 
-/// Many creations at once (on SQLite they are group-committed in one transaction): each
-/// failing one gets its own error and leaves nothing behind, every other one is stored.
+/// Many creations at once (group-committed on both databases): each failing one gets its own
+/// error and leaves nothing behind, every other one is stored. Two rounds, because a group
+/// handles them differently: without a duplicate id the erased client's notes are refused
+/// inside the group's transaction; a duplicate id breaks the group's INSERT on PostgreSQL,
+/// which then writes each note of the group on its own.
 async fn concurrent_inserts_fail_alone(db: TestDb) {
     let s = db.store.clone();
     s.record_client_key("a", "gone", "key-1", T0).await.unwrap();
@@ -235,39 +238,41 @@ async fn concurrent_inserts_fail_alone(db: TestDb) {
     let existing = note("a", "c1", "2024-01-01");
     insert(s.as_ref(), &existing).await;
 
-    let mut tasks = Vec::new();
-    for i in 0..60 {
-        let s = s.clone();
-        let n = match i % 6 {
-            // An erased client: refused inside the transaction.
-            0 => note("a", "gone", "2024-01-02"),
-            // An id that exists: a conflict.
-            1 => NoteRecord {
-                site_id: format!("dup-{i}"),
-                ..existing.clone()
-            },
-            _ => note("a", "c1", "2024-01-03"),
-        };
-        tasks.push(tokio::spawn(async move {
-            let result = s.insert_note(&n, &revision(n.note_id, 1)).await;
-            (i, n, result)
-        }));
-    }
     let mut stored = 0;
-    for task in tasks {
-        let (i, n, result) = task.await.unwrap();
-        match (i % 6, result) {
-            (0, Err(StoreError::ClientNotActive("ERASING"))) => {}
-            (1, Err(StoreError::Conflict(_))) => {}
-            (_, Ok(())) if i % 6 > 1 => {
-                assert_eq!(s.get_note(n.note_id).await.unwrap(), Some(n.clone()));
-                stored += 1;
+    for with_duplicates in [false, true] {
+        let mut tasks = Vec::new();
+        for i in 0..60 {
+            let s = s.clone();
+            let n = match i % 6 {
+                // An erased client: refused inside the transaction.
+                0 => note("a", "gone", "2024-01-02"),
+                // An id that exists: a conflict.
+                1 if with_duplicates => NoteRecord {
+                    site_id: format!("dup-{i}"),
+                    ..existing.clone()
+                },
+                _ => note("a", "c1", "2024-01-03"),
+            };
+            tasks.push(tokio::spawn(async move {
+                let result = s.insert_note(&n, &revision(n.note_id, 1)).await;
+                (i, n, result)
+            }));
+        }
+        for task in tasks {
+            let (i, n, result) = task.await.unwrap();
+            match (i % 6, result) {
+                (0, Err(StoreError::ClientNotActive("ERASING"))) => {}
+                (1, Err(StoreError::Conflict(_))) if with_duplicates => {}
+                (_, Ok(())) if i % 6 > 1 || (i % 6 == 1 && !with_duplicates) => {
+                    assert_eq!(s.get_note(n.note_id).await.unwrap(), Some(n.clone()));
+                    stored += 1;
+                }
+                (_, other) => panic!("insert {i} (duplicates: {with_duplicates}): {other:?}"),
             }
-            (_, other) => panic!("insert {i}: unexpected {other:?}"),
         }
     }
-    assert_eq!(stored, 40);
-    assert_eq!(s.count_client_notes("a", "c1").await.unwrap(), (41, 41));
+    assert_eq!(stored, 50 + 40);
+    assert_eq!(s.count_client_notes("a", "c1").await.unwrap(), (91, 91));
     assert_eq!(s.count_client_notes("a", "gone").await.unwrap(), (0, 0));
     assert_eq!(s.get_note(existing.note_id).await.unwrap(), Some(existing));
 }

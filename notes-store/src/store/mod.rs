@@ -14,6 +14,7 @@
 
 pub mod keys;
 mod postgres;
+mod postgres_inserter;
 mod postgres_keys;
 mod sqlite;
 mod sqlite_inserter;
@@ -33,7 +34,7 @@ pub use sqlite::SqliteStore;
 
 use crate::crypto::Sealed;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or refused the operation for a transient reason.
     #[error("{0}")]

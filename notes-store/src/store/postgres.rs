@@ -6,8 +6,10 @@
 //! current revision, but the primary key `(note_id, revision)` lets only one insert of the
 //! next revision commit (the other waits for it, then fails with a unique violation →
 //! `Conflict`), and the note's `current_revision` only moves from the expected value.
+//! New notes are group-committed by `postgres_inserter`, which falls back to `insert_one`.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -15,6 +17,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 use uuid::Uuid;
 
+use super::postgres_inserter::PgInserter;
 use super::{
     check_current, check_first_revision, check_next_revision, reason_from_columns,
     revision_from_db, ClientState, ListQuery, NoteRecord, NoteStore, RevisionMeta, RevisionRecord,
@@ -46,6 +49,8 @@ macro_rules! meta_columns {
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pub(super) pool: PgPool,
+    /// New notes are group-committed by writer tasks (see `postgres_inserter`).
+    inserter: Arc<PgInserter>,
 }
 
 impl PostgresStore {
@@ -59,7 +64,8 @@ impl PostgresStore {
             .connect_with(options)
             .await
             .map_err(map_err)?;
-        Ok(PostgresStore { pool })
+        let inserter = Arc::new(PgInserter::start(pool.clone()));
+        Ok(PostgresStore { pool, inserter })
     }
 }
 
@@ -86,53 +92,7 @@ impl NoteStore for PostgresStore {
         first: &RevisionRecord,
     ) -> Result<(), StoreError> {
         check_first_revision(note, first)?;
-        // One statement, so one round trip and one transaction (autocommit) instead of five
-        // round trips: BEGIN, the client check, two INSERTs, COMMIT. Same semantics: the
-        // client row is read FOR SHARE (an erasure, which updates it, waits for this
-        // transaction or this one sees its new state); nothing is inserted unless the client
-        // is active; any error (a duplicate id, a CHECK) aborts both inserts; the revision's
-        // foreign key is checked at the end of the statement, when the note exists.
-        let r = first;
-        let query = sqlx::query(concat!(
-            "WITH client AS ( \
-                 SELECT state FROM client_keys WHERE site_id = $2 AND client_id = $3 FOR SHARE \
-             ), note AS ( \
-                 INSERT INTO notes (",
-            note_columns!(),
-            ") SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
-                 WHERE NOT EXISTS (SELECT 1 FROM client WHERE state <> 'ACTIVE') \
-                 RETURNING note_id \
-             ), revision AS ( \
-                 INSERT INTO note_revisions (note_id, revision, author_id, created_at_ms, \
-                     kms_key_id, kms_key_version, crypto_version, wrapped_key, body_nonce, \
-                     body_ciphertext, reason_nonce, reason_ciphertext) \
-                 SELECT note_id, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19 FROM note \
-                 RETURNING note_id \
-             ) \
-             SELECT (SELECT state FROM client), (SELECT count(*) FROM revision)"
-        ))
-        .bind(note.note_id)
-        .bind(&note.site_id)
-        .bind(&note.client_id)
-        .bind(&note.author_id)
-        .bind(&note.session_date)
-        .bind(i64::from(note.current_revision))
-        .bind(note.created_at_ms)
-        .bind(note.updated_at_ms);
-        let row = bind_revision_after_id(query, r)
-            .fetch_one(&self.pool)
-            .await
-            .map_err(map_err)?;
-        let client_state: Option<String> = row.try_get(0).map_err(map_err)?;
-        let inserted: i64 = row.try_get(1).map_err(map_err)?;
-        ClientState::check_writable(client_state.as_deref())?;
-        if inserted == 1 {
-            Ok(())
-        } else {
-            Err(StoreError::Internal(format!(
-                "note insert wrote {inserted} revisions"
-            )))
-        }
+        self.inserter.insert(note.clone(), first.clone()).await
     }
 
     async fn get_note(&self, note_id: Uuid) -> Result<Option<NoteRecord>, StoreError> {
@@ -249,6 +209,62 @@ impl NoteStore for PostgresStore {
             ));
         }
         tx.commit().await.map_err(map_err)
+    }
+}
+
+/// Inserts one note and its first revision as one autocommit statement (a note that arrives
+/// alone, and each note of a group that broke a constraint: `postgres_inserter`).
+pub(super) async fn insert_one(
+    pool: &PgPool,
+    note: &NoteRecord,
+    first: &RevisionRecord,
+) -> Result<(), StoreError> {
+    // One statement, so one round trip and one transaction (autocommit) instead of five
+    // round trips: BEGIN, the client check, two INSERTs, COMMIT. Same semantics: the
+    // client row is read FOR SHARE (an erasure, which updates it, waits for this
+    // transaction or this one sees its new state); nothing is inserted unless the client
+    // is active; any error (a duplicate id, a CHECK) aborts both inserts; the revision's
+    // foreign key is checked at the end of the statement, when the note exists.
+    let r = first;
+    let query = sqlx::query(concat!(
+        "WITH client AS ( \
+             SELECT state FROM client_keys WHERE site_id = $2 AND client_id = $3 FOR SHARE \
+         ), note AS ( \
+             INSERT INTO notes (",
+        note_columns!(),
+        ") SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
+             WHERE NOT EXISTS (SELECT 1 FROM client WHERE state <> 'ACTIVE') \
+             RETURNING note_id \
+         ), revision AS ( \
+             INSERT INTO note_revisions (note_id, revision, author_id, created_at_ms, \
+                 kms_key_id, kms_key_version, crypto_version, wrapped_key, body_nonce, \
+                 body_ciphertext, reason_nonce, reason_ciphertext) \
+             SELECT note_id, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19 FROM note \
+             RETURNING note_id \
+         ) \
+         SELECT (SELECT state FROM client), (SELECT count(*) FROM revision)"
+    ))
+    .bind(note.note_id)
+    .bind(&note.site_id)
+    .bind(&note.client_id)
+    .bind(&note.author_id)
+    .bind(&note.session_date)
+    .bind(i64::from(note.current_revision))
+    .bind(note.created_at_ms)
+    .bind(note.updated_at_ms);
+    let row = bind_revision_after_id(query, r)
+        .fetch_one(pool)
+        .await
+        .map_err(map_err)?;
+    let client_state: Option<String> = row.try_get(0).map_err(map_err)?;
+    let inserted: i64 = row.try_get(1).map_err(map_err)?;
+    ClientState::check_writable(client_state.as_deref())?;
+    if inserted == 1 {
+        Ok(())
+    } else {
+        Err(StoreError::Internal(format!(
+            "note insert wrote {inserted} revisions"
+        )))
     }
 }
 
