@@ -7,7 +7,7 @@
 //! WAL flush (`XLogFlush`/`fdatasync`, 27 %), building the tables' CHECK expressions for the
 //! statement (`ExecConstraints` → `stringToNode`, 16 %), executor start-up and protocol.
 //!
-//! Same guarantees as the one-note statement (`PostgresStore::insert_one`, still used for a
+//! Same guarantees as the one-note statement (`postgres::insert_one`, still used for a
 //! note that arrives alone): the rows of the group's clients are read `FOR SHARE` inside the
 //! transaction that inserts (an erasure, which updates its client's row, waits for it, or this
 //! transaction sees the new state) and a note of a client that is not ACTIVE is refused alone;
