@@ -197,8 +197,6 @@ async fn insert_rows(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     jobs: &[&Job],
 ) -> Result<u64, sqlx::Error> {
-    let notes = jobs.iter().map(|j| &j.note);
-    let revisions = jobs.iter().map(|j| &j.first);
     let result = sqlx::query(
         "WITH note AS ( \
              INSERT INTO notes (note_id, site_id, client_id, author_id, session_date, \
@@ -213,105 +211,35 @@ async fn insert_rows(
              $12::text[], $13::bigint[], $14::bigint[], $15::bytea[], $16::bytea[], \
              $17::bytea[], $18::bytea[], $19::bytea[])",
     )
-    .bind(notes.clone().map(|n| n.note_id).collect::<Vec<_>>())
-    .bind(
-        notes
-            .clone()
-            .map(|n| n.site_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        notes
-            .clone()
-            .map(|n| n.client_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        notes
-            .clone()
-            .map(|n| n.author_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        notes
-            .clone()
-            .map(|n| n.session_date.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        notes
-            .clone()
-            .map(|n| i64::from(n.current_revision))
-            .collect::<Vec<_>>(),
-    )
-    .bind(notes.clone().map(|n| n.created_at_ms).collect::<Vec<_>>())
-    .bind(notes.map(|n| n.updated_at_ms).collect::<Vec<_>>())
-    .bind(
-        revisions
-            .clone()
-            .map(|r| i64::from(r.meta.revision))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        revisions
-            .clone()
-            .map(|r| r.meta.author_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        revisions
-            .clone()
-            .map(|r| r.meta.created_at_ms)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        revisions
-            .clone()
-            .map(|r| r.meta.kms_key_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        revisions
-            .clone()
-            .map(|r| i64::from(r.meta.kms_key_version))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        revisions
-            .clone()
-            .map(|r| i64::from(r.crypto_version))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        revisions
-            .clone()
-            .map(|r| r.wrapped_key.as_slice())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        revisions
-            .clone()
-            .map(|r| r.body.nonce.as_slice())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        revisions
-            .clone()
-            .map(|r| r.body.ciphertext.as_slice())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        revisions
-            .clone()
-            .map(|r| r.reason.as_ref().map(|s| s.nonce.as_slice()))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        revisions
-            .map(|r| r.reason.as_ref().map(|s| s.ciphertext.as_slice()))
-            .collect::<Vec<_>>(),
-    )
+    .bind(column(jobs, |j| j.note.note_id))
+    .bind(column(jobs, |j| j.note.site_id.as_str()))
+    .bind(column(jobs, |j| j.note.client_id.as_str()))
+    .bind(column(jobs, |j| j.note.author_id.as_str()))
+    .bind(column(jobs, |j| j.note.session_date.as_str()))
+    .bind(column(jobs, |j| i64::from(j.note.current_revision)))
+    .bind(column(jobs, |j| j.note.created_at_ms))
+    .bind(column(jobs, |j| j.note.updated_at_ms))
+    .bind(column(jobs, |j| i64::from(j.first.meta.revision)))
+    .bind(column(jobs, |j| j.first.meta.author_id.as_str()))
+    .bind(column(jobs, |j| j.first.meta.created_at_ms))
+    .bind(column(jobs, |j| j.first.meta.kms_key_id.as_str()))
+    .bind(column(jobs, |j| i64::from(j.first.meta.kms_key_version)))
+    .bind(column(jobs, |j| i64::from(j.first.crypto_version)))
+    .bind(column(jobs, |j| j.first.wrapped_key.as_slice()))
+    .bind(column(jobs, |j| j.first.body.nonce.as_slice()))
+    .bind(column(jobs, |j| j.first.body.ciphertext.as_slice()))
+    .bind(column(jobs, |j| {
+        j.first.reason.as_ref().map(|s| s.nonce.as_slice())
+    }))
+    .bind(column(jobs, |j| {
+        j.first.reason.as_ref().map(|s| s.ciphertext.as_slice())
+    }))
     .execute(&mut **tx)
     .await?;
     Ok(result.rows_affected())
+}
+
+/// One column of the group, as an array parameter for `unnest`.
+fn column<'j, T>(jobs: &[&'j Job], value: impl Fn(&'j Job) -> T) -> Vec<T> {
+    jobs.iter().map(|&job| value(job)).collect()
 }
