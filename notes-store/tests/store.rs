@@ -509,6 +509,49 @@ async fn sqlite_files_are_private_and_in_wal_mode() {
     let _ = conn.close().await;
 }
 
+/// Checkpoints wait for 10,000 WAL pages (`WAL_AUTOCHECKPOINT_PAGES`) on the inserter's
+/// connection (creations) and on the pool's (amendments): after about 1,900 pages written by
+/// either, the WAL still holds them all. With SQLite's default (1,000) a commit past 1,000
+/// pages checkpoints and the next one restarts the WAL, so it would hold at most ~1,000.
+#[tokio::test]
+async fn sqlite_checkpoints_only_after_10000_wal_pages() {
+    // 24 KiB bodies: six overflow pages each, plus the B-tree pages every commit rewrites.
+    let big = |mut r: RevisionRecord| {
+        r.body = sealed(7, 24 * 1024);
+        r
+    };
+    let creations = TestDb::sqlite().await;
+    for _ in 0..150 {
+        let n = note("site-a", "client-1", "2024-03-01");
+        let s = creations.store.as_ref();
+        s.insert_note(&n, &big(revision(n.note_id, 1)))
+            .await
+            .unwrap();
+    }
+    let amendments = TestDb::sqlite().await;
+    let n = note("site-a", "client-2", "2024-03-01");
+    let s = amendments.store.as_ref();
+    s.insert_note(&n, &revision(n.note_id, 1)).await.unwrap();
+    for rev in 2..=151 {
+        s.add_revision(&big(revision(n.note_id, rev)), rev - 1)
+            .await
+            .unwrap();
+    }
+    for (writer, db) in [("inserter", creations), ("pool", amendments)] {
+        let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+        // (busy, frames in the WAL, frames checkpointed): this checkpoint is the first.
+        let (_, wal_frames, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            (1500..10_000).contains(&wal_frames),
+            "{writer}: the WAL holds {wal_frames} frames: it was checkpointed and restarted early"
+        );
+        let _ = conn.close().await;
+    }
+}
+
 fn svc_common_companions(path: &Path) -> Vec<PathBuf> {
     ["", "-wal", "-shm"]
         .iter()

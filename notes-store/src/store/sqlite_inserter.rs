@@ -21,7 +21,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
 
-use super::sqlite::{id_text, INSERT_NOTE_SQL, INSERT_REVISION_SQL};
+use super::sqlite::{id_text, INSERT_NOTE_SQL, INSERT_REVISION_SQL, WAL_AUTOCHECKPOINT_PAGES};
 use super::sqlite_keys::CLIENT_STATE_SQL;
 use super::{ClientState, NoteRecord, RevisionRecord, StoreError};
 
@@ -88,6 +88,9 @@ fn open(path: &PathBuf) -> rusqlite::Result<Connection> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", true)?;
+    // As the pool's connections: this thread commits nearly every write, so it is the one
+    // that runs the checkpoints.
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
     Ok(conn)
 }
 
