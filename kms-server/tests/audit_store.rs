@@ -849,6 +849,28 @@ async fn postgres_upgrade_to_0004_keeps_context_lookups() {
 // ---------------------------------------------------------------------------------------------
 // SQLite only
 
+/// The audit appender checkpoints only after 10,000 WAL pages (`WAL_AUTOCHECKPOINT_PAGES`):
+/// after 300 one-event batches (about 2,300 pages, the context indexing passes included) the
+/// WAL still holds them all. With SQLite's default (1,000) a commit past 1,000 pages
+/// checkpoints and the next one restarts the WAL, so it would hold at most ~1,000.
+#[tokio::test]
+async fn sqlite_audit_checkpoints_only_after_10000_wal_pages() {
+    let db = TestDb::sqlite().await;
+    let (_, events) = chain_of("kms-a", 300);
+    append_in_batches(db.audit.as_ref(), &events, 1).await;
+    let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+    // (busy, frames in the WAL, frames checkpointed): this checkpoint is the first.
+    let (_, wal_frames, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        (1500..10_000).contains(&wal_frames),
+        "the WAL holds {wal_frames} frames: it was checkpointed and restarted early"
+    );
+    let _ = conn.close().await;
+}
+
 /// A database file made read-only (chmod 0444) refuses appends and probes with `Unavailable`
 /// while reads keep working.
 #[tokio::test]

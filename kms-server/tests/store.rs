@@ -761,6 +761,28 @@ async fn sqlite_files_are_created_private() {
     }
 }
 
+/// The pool's connections checkpoint only after 10,000 WAL pages (`WAL_AUTOCHECKPOINT_PAGES`),
+/// as the audit appender's do: after 400 key creations (about 2,200 pages) the WAL still holds
+/// them all. With SQLite's default (1,000) it would hold at most ~1,000.
+#[tokio::test]
+async fn sqlite_pool_checkpoints_only_after_10000_wal_pages() {
+    let db = TestDb::sqlite().await;
+    for _ in 0..400 {
+        insert_new_key(db.store.as_ref(), None).await;
+    }
+    let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+    // (busy, frames in the WAL, frames checkpointed): this checkpoint is the first.
+    let (_, wal_frames, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        (1500..10_000).contains(&wal_frames),
+        "the WAL holds {wal_frames} frames: it was checkpointed and restarted early"
+    );
+    let _ = conn.close().await;
+}
+
 #[tokio::test]
 async fn sqlite_database_is_in_wal_mode() {
     let db = TestDb::sqlite().await;

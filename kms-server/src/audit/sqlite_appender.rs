@@ -34,6 +34,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBeha
 use tokio::sync::oneshot;
 
 use super::store::EventBatch;
+use crate::store::sqlite::WAL_AUTOCHECKPOINT_PAGES;
 use crate::store::StoreError;
 
 /// As the pool's connections (`store::sqlite`): how long a batch waits for another writer.
@@ -124,6 +125,7 @@ fn open(path: &PathBuf, read_only: bool) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(path, access | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
     Ok(conn)
 }
 

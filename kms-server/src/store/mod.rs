@@ -6,7 +6,7 @@
 //! (`migrations/sqlite`, `migrations/postgres`, kept in step by a test).
 
 mod postgres;
-mod sqlite;
+pub(crate) mod sqlite;
 
 use std::sync::Arc;
 
