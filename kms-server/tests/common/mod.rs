@@ -1,6 +1,8 @@
 //! Test harness shared by the store suites (`tests/store.rs`, `tests/audit_store.rs`): a fresh
 //! PostgreSQL database per test.
 //!
+//! Also how many frames a SQLite database's WAL holds ([`sqlite_wal_frames`]).
+//!
 //! PostgreSQL comes from `KMS_TEST_PG_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`),
 //! a role that may create databases. Each test creates `kms_test_<random>` and drops it when
 //! done. An unreachable server fails the PostgreSQL tests; they never skip.
@@ -122,4 +124,16 @@ pub fn drop_pg_database(name: &str) {
     if joined.is_err() {
         eprintln!("dropping test database panicked");
     }
+}
+
+/// Frames in the WAL of the SQLite database at `url`, from `PRAGMA wal_checkpoint(PASSIVE)`
+/// (busy, frames in the WAL, frames checkpointed); it checkpoints them, so call it once.
+pub async fn sqlite_wal_frames(url: &str) -> i64 {
+    let mut conn = sqlx::SqliteConnection::connect(url).await.unwrap();
+    let (_, wal_frames, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let _ = conn.close().await;
+    wal_frames
 }
