@@ -44,7 +44,7 @@ const MAX_CONNECTIONS: u32 = 4;
 /// a checkpoint writes each page once, however often the WAL holds it. Every 10,000 pages
 /// (about 40 MB of WAL) there are ten times fewer database-file writes and fsyncs competing
 /// with the audit's own WAL fsyncs and, on a shared disk, notes-store's: `notes_create`
-/// 0.40-0.41 against 0.37-0.39 with notes-store's own checkpoints already at 10,000 (README,
+/// 0.386-0.414 against 0.368-0.393 with notes-store's at 10,000 already (README,
 /// session 10). Durability is unchanged (every commit still fsyncs the WAL); crash recovery
 /// replays at most this much WAL. Set on the pool's connections and on the audit appender's.
 pub(crate) const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;

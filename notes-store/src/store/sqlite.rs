@@ -38,7 +38,7 @@ const MAX_CONNECTIONS: u32 = 4;
 /// writes each page once, however often the WAL holds it. Every 10,000 pages (about 40 MB of
 /// WAL, a checkpoint every ~2 s at 3,000 notes/s) there are ten times fewer database-file
 /// writes and fsyncs competing with the notes' own WAL fsyncs and the KMS's audit fsyncs:
-/// `notes_create` 0.40-0.43 against 0.37-0.39 (README, session 10). Durability is unchanged
+/// `notes_create` 0.384-0.407 against 0.357-0.376 (README, session 10). Durability unchanged
 /// (every commit still fsyncs the WAL); crash recovery replays at most this much WAL.
 pub(super) const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
 
