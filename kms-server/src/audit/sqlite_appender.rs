@@ -31,10 +31,10 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use svc_common::sqlite_file::WAL_AUTOCHECKPOINT_PAGES;
 use tokio::sync::oneshot;
 
 use super::store::EventBatch;
-use crate::store::sqlite::WAL_AUTOCHECKPOINT_PAGES;
 use crate::store::StoreError;
 
 /// As the pool's connections (`store::sqlite`): how long a batch waits for another writer.

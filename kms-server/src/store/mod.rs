@@ -6,7 +6,7 @@
 //! (`migrations/sqlite`, `migrations/postgres`, kept in step by a test).
 
 mod postgres;
-pub(crate) mod sqlite;
+mod sqlite;
 
 use std::sync::Arc;
 

@@ -38,16 +38,6 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// SQLite has one writer at a time anyway; a few connections serve concurrent reads.
 const MAX_CONNECTIONS: u32 = 4;
-/// WAL pages after which a committing connection copies the WAL into the database file
-/// (SQLite's default is 1,000). Under load nearly every commit is an audit batch appending at
-/// the right edge of the same tables and indexes, rewriting the same few pages into the WAL;
-/// a checkpoint writes each page once, however often the WAL holds it. Every 10,000 pages
-/// (about 40 MB of WAL) there are ten times fewer database-file writes and fsyncs competing
-/// with the audit's own WAL fsyncs and, on a shared disk, notes-store's: `notes_create`
-/// 0.386-0.414 against 0.368-0.393 with notes-store's at 10,000 already (README,
-/// session 10). Durability is unchanged (every commit still fsyncs the WAL); crash recovery
-/// replays at most this much WAL. Set on the pool's connections and on the audit appender's.
-pub(crate) const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
 
 /// The columns of `keys`, in the order `key_from_row` reads them.
 macro_rules! key_columns {
@@ -92,7 +82,10 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true)
-            .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string());
+            .pragma(
+                "wal_autocheckpoint",
+                sqlite_file::WAL_AUTOCHECKPOINT_PAGES.to_string(),
+            );
 
         // Create the file ourselves, already 0600, so that it never exists with the umask's
         // mode. SQLite opens an empty file as an empty database, and gives the `-wal` and

@@ -32,15 +32,6 @@ use crate::crypto::Sealed;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONNECTIONS: u32 = 4;
-/// WAL pages after which a committing connection copies the WAL into the database file
-/// (SQLite's default is 1,000). New notes append at the right edge of every table and index,
-/// so a group commit rewrites the same few edge pages into the WAL each time; a checkpoint
-/// writes each page once, however often the WAL holds it. Every 10,000 pages (about 40 MB of
-/// WAL, a checkpoint every ~2 s at 3,000 notes/s) there are ten times fewer database-file
-/// writes and fsyncs competing with the notes' own WAL fsyncs and the KMS's audit fsyncs:
-/// `notes_create` 0.384-0.407 against 0.357-0.376 (README, session 10). Durability unchanged
-/// (every commit still fsyncs the WAL); crash recovery replays at most this much WAL.
-pub(super) const WAL_AUTOCHECKPOINT_PAGES: u32 = 10_000;
 
 /// The columns of `notes`, in the order `note_from_row` reads them.
 macro_rules! note_columns {
@@ -83,7 +74,10 @@ impl SqliteStore {
             // copy; in a temporary file it was a write and a close per statement. It holds
             // what the database file holds (ciphertext and ids), never plaintext.
             .pragma("temp_store", "MEMORY")
-            .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string());
+            .pragma(
+                "wal_autocheckpoint",
+                sqlite_file::WAL_AUTOCHECKPOINT_PAGES.to_string(),
+            );
         let created = sqlite_file::create_private_file(&path)
             .await
             .map_err(StoreError::Internal)?;

@@ -19,9 +19,10 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
+use svc_common::sqlite_file::WAL_AUTOCHECKPOINT_PAGES;
 use tokio::sync::oneshot;
 
-use super::sqlite::{id_text, INSERT_NOTE_SQL, INSERT_REVISION_SQL, WAL_AUTOCHECKPOINT_PAGES};
+use super::sqlite::{id_text, INSERT_NOTE_SQL, INSERT_REVISION_SQL};
 use super::sqlite_keys::CLIENT_STATE_SQL;
 use super::{ClientState, NoteRecord, RevisionRecord, StoreError};
 
