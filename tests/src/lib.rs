@@ -5,6 +5,7 @@
 //! Binaries are taken from `target/<profile>/` (build them first: `cargo build --workspace
 //! --bins`, as `make test` does) or from `KMS_SERVER_BIN`.
 
+pub mod cpu;
 pub mod hsm_ceiling;
 pub mod notes;
 pub mod pg;

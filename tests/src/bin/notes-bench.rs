@@ -24,6 +24,7 @@ use kms_client::AuditFilter;
 use kms_proto::kms::v1 as pb;
 use kms_proto::notes::v1 as npb;
 use kms_proto::notes::v1::notes_service_client::NotesServiceClient;
+use kms_tests::cpu::{CpuSnapshot, CpuUse};
 use kms_tests::notes::{create_request, get_request};
 use kms_tests::{pg, wire_ctx, KmsServer, NotesOptions, NotesServer, ServerOptions, AUDITOR};
 use serde_json::{json, Value};
@@ -108,6 +109,8 @@ struct Stats {
     window: Duration,
     /// The measured window, ms since the Unix epoch.
     window_ms: (i64, i64),
+    /// CPU per call by process over the measured window (`None` without /proc).
+    cpu: Option<CpuUse>,
 }
 
 impl Stats {
@@ -177,6 +180,11 @@ async fn load(streams: usize, warmup: u64, seconds: u64, call: Call) -> Result<S
             (ok_total, ok_window, errors, latencies)
         }));
     }
+    // The machine's CPU over the measured window, read off the runtime's threads.
+    tokio::time::sleep_until(measure_from.into()).await;
+    let cpu_before = tokio::task::spawn_blocking(CpuSnapshot::take).await?;
+    tokio::time::sleep_until(end.into()).await;
+    let cpu_after = tokio::task::spawn_blocking(CpuSnapshot::take).await?;
     let mut stats = Stats {
         ok_total: 0,
         ok_window: 0,
@@ -187,6 +195,7 @@ async fn load(streams: usize, warmup: u64, seconds: u64, call: Call) -> Result<S
             wall_from_ms,
             wall_from_ms + i64::try_from(seconds * 1000).unwrap_or_default(),
         ),
+        cpu: None,
     };
     for task in tasks {
         let (ok_total, ok_window, errors, latencies) = task.await?;
@@ -196,6 +205,9 @@ async fn load(streams: usize, warmup: u64, seconds: u64, call: Call) -> Result<S
         stats.latencies_us.extend(latencies);
     }
     stats.latencies_us.sort_unstable();
+    if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
+        stats.cpu = Some(after.since(&before, stats.ok_window, seconds as f64));
+    }
     if let Some(e) = first_error.lock().unwrap_or_else(|e| e.into_inner()).take() {
         eprintln!("notes-bench:   {} errors; first: {e}", stats.errors);
     }
@@ -306,6 +318,8 @@ async fn run(args: Args) -> Result<()> {
         ("p50_ms", json!(round(gdk.percentile_ms(0.50), 3))),
         ("p99_ms", json!(round(gdk.percentile_ms(0.99), 3))),
         ("cores_shared", json!(cores())),
+        ("cpu_us_per_op", cpu_per_op(&gdk)),
+        ("idle_cores", idle_cores(&gdk)),
     ]);
 
     // Audit: the events of this key's answered GenerateDataKey calls.
@@ -564,5 +578,35 @@ fn emit_notes(bench: &str, db: &str, args: &Args, stats: &Stats, gdk: (f64, f64)
         ("seconds", json!(args.seconds)),
         ("body_bytes", json!(args.body_bytes)),
         ("cores_shared", json!(cores())),
+        ("cpu_us_per_op", cpu_per_op(stats)),
+        ("idle_cores", idle_cores(stats)),
     ]);
+}
+
+/// CPU µs per call over the measured window by process name (`postgres`: all its backends;
+/// `kernel_workers`: the kernel's worker threads), names under 1 µs summed as `other`. `null`
+/// without /proc.
+fn cpu_per_op(stats: &Stats) -> Value {
+    let Some(cpu) = &stats.cpu else {
+        return Value::Null;
+    };
+    let mut fields = serde_json::Map::new();
+    let mut other = 0.0;
+    for (name, us) in &cpu.us_per_op {
+        if *us >= 1.0 {
+            fields.insert(name.clone(), json!(round(*us, 0)));
+        } else {
+            other += us;
+        }
+    }
+    fields.insert("other".into(), json!(round(other, 0)));
+    Value::Object(fields)
+}
+
+/// Cores idle on average over the measured window: how far the run was from CPU-bound.
+fn idle_cores(stats: &Stats) -> Value {
+    stats
+        .cpu
+        .as_ref()
+        .map_or(Value::Null, |cpu| json!(round(cpu.idle_cores, 2)))
 }
