@@ -180,7 +180,8 @@ async fn load(streams: usize, warmup: u64, seconds: u64, call: Call) -> Result<S
             (ok_total, ok_window, errors, latencies)
         }));
     }
-    // The machine's CPU over the measured window, read off the runtime's threads.
+    // The machine's CPU over the measured window, read from /proc on a blocking thread so
+    // that the load generator's runtime workers keep serving the streams meanwhile.
     tokio::time::sleep_until(measure_from.into()).await;
     let cpu_before = tokio::task::spawn_blocking(CpuSnapshot::take).await?;
     tokio::time::sleep_until(end.into()).await;
