@@ -9,9 +9,11 @@
 //! whether the run was CPU-bound at all.
 //!
 //! Processes are grouped by name (`comm`): every `postgres` backend under "postgres", every
-//! kernel worker thread (`kworker/…`) under "kernel_workers". A process that started or ended
-//! within the window counts only for the part both snapshots saw, so short-lived processes are
-//! under-counted; the benchmarks' processes live through their windows.
+//! kernel worker thread (`kworker/…`) under "kernel_workers". A process is matched with itself
+//! by pid (a kernel worker renames itself with each work item, so names would not do). One that
+//! started within the window counts in full; one that ended within it is absent from the
+//! second snapshot and not counted, so short-lived processes are under-counted. The
+//! benchmarks' own processes live through their windows.
 
 use std::collections::BTreeMap;
 use std::fs;
