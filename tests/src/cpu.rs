@@ -19,7 +19,8 @@ use std::collections::BTreeMap;
 use std::fs;
 
 /// Clock ticks per second of the /proc time fields: the kernel's USER_HZ, which is 100 on
-/// every Linux architecture the project builds for (what `sysconf(_SC_CLK_TCK)` returns).
+/// every Linux architecture the project builds for (what `sysconf(_SC_CLK_TCK)` and `getconf
+/// CLK_TCK` return). Also kms-bench's unit, through [`process_cpu_seconds`].
 const TICKS_PER_SECOND: f64 = 100.0;
 
 /// CPU time per process name and the machine's idle time, in clock ticks, at one instant.
@@ -98,6 +99,13 @@ impl CpuSnapshot {
             idle_cores: if seconds > 0.0 { idle / seconds } else { 0.0 },
         }
     }
+}
+
+/// User + system CPU seconds of one process (a pid, or `"self"`) so far, all its threads
+/// included; `None` where its /proc entry cannot be read.
+pub fn process_cpu_seconds(pid: &str) -> Option<f64> {
+    let line = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&line).map(|(_, ticks)| ticks as f64 / TICKS_PER_SECOND)
 }
 
 /// The name and the user + system clock ticks of one `/proc/<pid>/stat` line. The name sits
@@ -195,16 +203,13 @@ mod tests {
 
     #[test]
     fn take_sees_this_process_spend_cpu() {
-        let own_ticks = || {
-            let line = fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-            parse_stat(&line).expect("a stat line").1
-        };
+        let own_seconds = || process_cpu_seconds("self").expect("/proc/self/stat");
         let before = CpuSnapshot::take().expect("/proc is readable on Linux");
         // Spin until this process has used 150 ms of CPU, however busy the machine is (the
         // test suite runs in parallel), or give up after 10 s.
-        let (start_ticks, started) = (own_ticks(), std::time::Instant::now());
+        let (start_seconds, started) = (own_seconds(), std::time::Instant::now());
         let mut x = 0u64;
-        while own_ticks() < start_ticks + 15 && started.elapsed().as_secs() < 10 {
+        while own_seconds() < start_seconds + 0.15 && started.elapsed().as_secs() < 10 {
             for _ in 0..100_000 {
                 x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
             }
