@@ -7,8 +7,8 @@
 //! notes measurement (their mean; both are in the line): this VM's speed drifts by up to 2x
 //! within minutes, and one baseline at the start of the run made ratios swing both ways.
 //!
-//! `ratio` (issue #3's goal) divides by GenerateDataKey as the KMS benchmark calls it: one key,
-//! a two-pair context. notes-store's own calls cost the KMS more: one key per client and a
+//! `ratio` (issue #3's goal) divides by GenerateDataKey as this benchmark's first phase calls
+//! it: one key, a two-pair context. notes-store's own calls cost the KMS more: one key per client and a
 //! four-pair context with a fresh note id, which the audit log indexes (README, session 12).
 //! `notes_create` therefore also carries `ratio_vs_notes_shaped_gdk`, against GenerateDataKey
 //! calls shaped like notes-store's (one key per bench client, the same four context keys, a
@@ -268,17 +268,12 @@ async fn run(args: Args) -> Result<()> {
     // 1 + 3: GenerateDataKey at full load, as the notes ratio's denominator and as the audit
     // load (one durable audit event per call, committed before the answer).
     let mut admin = kms.raw("admin").await?;
-    let gdk_key = admin
-        .create_key(pb::CreateKeyRequest {
-            alias: "notes-bench-gdk".into(),
-            description: "notes-bench GenerateDataKey baseline".into(),
-            rotation_period_seconds: 0,
-        })
-        .await?
-        .into_inner()
-        .key
-        .ok_or_else(|| anyhow!("CreateKey returned no key"))?
-        .key_id;
+    let gdk_key = create_key(
+        &mut admin,
+        "notes-bench-gdk".into(),
+        "notes-bench GenerateDataKey baseline",
+    )
+    .await?;
     let mut kms_clients = Vec::with_capacity(args.channels);
     for _ in 0..args.channels {
         kms_clients.push(kms.raw("app").await?);
@@ -296,20 +291,12 @@ async fn run(args: Args) -> Result<()> {
     let gdk_call: Call = {
         let (clients, key, contexts) = (kms_clients.clone(), gdk_key.clone(), contexts.clone());
         Arc::new(move |stream, _| {
-            let mut client = clients[stream % clients.len()].clone();
+            let client = clients[stream % clients.len()].clone();
             let request = pb::GenerateDataKeyRequest {
                 key: key.clone(),
                 encryption_context: contexts[stream].clone(),
             };
-            Box::pin(async move {
-                let r = client.generate_data_key(request).await?.into_inner();
-                anyhow::ensure!(
-                    r.plaintext.len() == 32,
-                    "data key of {} bytes",
-                    r.plaintext.len()
-                );
-                Ok(())
-            })
+            generate_data_key(client, request)
         })
     };
     eprintln!(
@@ -432,7 +419,7 @@ async fn run(args: Args) -> Result<()> {
 
 /// The GenerateDataKey loads a notes window is compared with.
 struct GdkBaselines {
-    /// As the KMS benchmark calls it: the issue's `ratio`.
+    /// As the first phase calls it: the issue's `ratio`.
     plain: Call,
     /// Shaped like notes-store's calls: `ratio_vs_notes_shaped_gdk`.
     notes_shaped: Call,
@@ -450,23 +437,13 @@ async fn notes_shaped_gdk_call(
     let per_stream = args.clients_per_stream.max(1);
     let mut keys = Vec::new();
     for client in 0..args.streams as u64 * per_stream {
-        let key = admin
-            .create_key(pb::CreateKeyRequest {
-                alias: format!("notes-bench-client-{client:04}"),
-                description: "notes-bench GenerateDataKey baseline shaped like notes-store's"
-                    .into(),
-                rotation_period_seconds: 0,
-            })
-            .await?
-            .into_inner()
-            .key
-            .ok_or_else(|| anyhow!("CreateKey returned no key"))?
-            .key_id;
-        keys.push(key);
+        let alias = format!("notes-bench-client-{client:04}");
+        let description = "notes-bench GenerateDataKey baseline shaped like notes-store's";
+        keys.push(create_key(admin, alias, description).await?);
     }
     let (keys, clients) = (Arc::new(keys), kms_clients.clone());
     Ok(Arc::new(move |stream, i| {
-        let mut client = clients[stream % clients.len()].clone();
+        let client = clients[stream % clients.len()].clone();
         let index = stream as u64 * per_stream + i % per_stream;
         // Time-ordered, as notes-store's note ids (`service/write.rs`): random ones would
         // cost the KMS's context lookup more than notes-store's calls do.
@@ -480,16 +457,43 @@ async fn notes_shaped_gdk_call(
                 ("revision", "1"),
             ]),
         };
-        Box::pin(async move {
-            let r = client.generate_data_key(request).await?.into_inner();
-            anyhow::ensure!(
-                r.plaintext.len() == 32,
-                "data key of {} bytes",
-                r.plaintext.len()
-            );
-            Ok(())
-        })
+        generate_data_key(client, request)
     }))
+}
+
+/// Creates a KMS key (no rotation); returns its id.
+async fn create_key(
+    admin: &mut KeyManagementServiceClient<Channel>,
+    alias: String,
+    description: &str,
+) -> Result<String> {
+    Ok(admin
+        .create_key(pb::CreateKeyRequest {
+            alias,
+            description: description.into(),
+            rotation_period_seconds: 0,
+        })
+        .await?
+        .into_inner()
+        .key
+        .ok_or_else(|| anyhow!("CreateKey returned no key"))?
+        .key_id)
+}
+
+/// One GenerateDataKey call, which must return a 32-byte data key.
+fn generate_data_key(
+    mut client: KeyManagementServiceClient<Channel>,
+    request: pb::GenerateDataKeyRequest,
+) -> CallFuture {
+    Box::pin(async move {
+        let r = client.generate_data_key(request).await?.into_inner();
+        anyhow::ensure!(
+            r.plaintext.len() == 32,
+            "data key of {} bytes",
+            r.plaintext.len()
+        );
+        Ok(())
+    })
 }
 
 async fn bench_notes(
