@@ -8,8 +8,9 @@
 //! within minutes, and one baseline at the start of the run made ratios swing both ways.
 //!
 //! `ratio` (issue #3's goal) divides by GenerateDataKey as this benchmark's first phase calls
-//! it: one key, a two-pair context. notes-store's own calls cost the KMS more: one key per client and a
-//! four-pair context with a fresh note id, which the audit log indexes (README, session 12).
+//! it: one key, a two-pair context. notes-store's own calls cost the KMS more: one key per
+//! client and a four-pair context with a fresh note id, which the audit log indexes (README,
+//! session 12).
 //! `notes_create` therefore also carries `ratio_vs_notes_shaped_gdk`, against GenerateDataKey
 //! calls shaped like notes-store's (one key per bench client, the same four context keys, a
 //! new time-ordered note id per call), measured the same way around the same window: what
