@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -38,6 +39,7 @@ use kms_tests::cpu::{CpuSnapshot, CpuUse};
 use kms_tests::notes::{create_request, get_request};
 use kms_tests::{pg, wire_ctx, KmsServer, NotesOptions, NotesServer, ServerOptions, AUDITOR};
 use serde_json::{json, Value};
+use sqlx::postgres::PgConnectOptions;
 use tonic::transport::Channel;
 
 #[derive(Parser, Debug)]
@@ -64,11 +66,16 @@ struct Args {
     #[arg(long, default_value_t = 2048)]
     body_bytes: usize,
     /// Databases to run notes-store on: sqlite, pg-tcp (KMS_TEST_PG_URL or 127.0.0.1:5432),
-    /// pg-unix (the same server through /var/run/postgresql).
+    /// pg-unix (the same server, and port, through the socket directory below).
     #[arg(long, value_delimiter = ',', default_value = "sqlite,pg-tcp,pg-unix")]
     db: Vec<String>,
-    /// Directory of the Unix socket for `pg-unix`.
-    #[arg(long, default_value = "/var/run/postgresql")]
+    /// Directory of the Unix socket for `pg-unix` (`scripts/with-postgres.sh` sets the
+    /// variable for a cluster it starts).
+    #[arg(
+        long,
+        env = "KMS_TEST_PG_SOCKET_DIR",
+        default_value = "/var/run/postgresql"
+    )]
     pg_socket_dir: String,
 }
 
@@ -394,8 +401,12 @@ async fn run(args: Args) -> Result<()> {
                     }
                 };
                 let url = if db == "pg-unix" {
+                    // The socket file is named after the server's port.
+                    let port = PgConnectOptions::from_str(&pg::admin_url())
+                        .map(|o| o.get_port())
+                        .context("KMS_TEST_PG_URL")?;
                     format!(
-                        "postgres://postgres@localhost/{name}?host={}",
+                        "postgres://postgres@localhost:{port}/{name}?host={}",
                         args.pg_socket_dir
                     )
                 } else {
