@@ -8,22 +8,30 @@
 #    use it, KMS_TEST_PG_URL=postgres://postgres@HOST:PORT/postgres (trust auth assumed).
 # 3. Otherwise start a throwaway cluster (trust auth, user postgres) in a temp dir on
 #    a free port from 55432 up, listening on 127.0.0.1 only, run the command, then
-#    stop the cluster and delete its directory whatever happens.
+#    stop the cluster and delete its directory whatever happens. KMS_TEST_PG_SOCKET_DIR
+#    names its Unix socket directory.
 # The command's exit status is returned.
+#
+# For benchmarks (scripts/bench-pg-own-core.sh): KMS_PG_THROWAWAY=1 skips 1 and 2,
+# KMS_PG_DURABLE=1 keeps the server's durability settings (fsync, synchronous_commit and
+# full_page_writes are turned off otherwise), KMS_PG_CPUS=LIST runs the server under
+# `taskset -c LIST`.
 set -euo pipefail
 
-(($# > 0)) || { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+(($# > 0)) || { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 log() { echo "with-postgres: $*" >&2; }
 
-if [[ -n "${KMS_TEST_PG_URL:-}" ]]; then
+throwaway_only=${KMS_PG_THROWAWAY:-0}
+if [[ "$throwaway_only" != 1 && -n "${KMS_TEST_PG_URL:-}" ]]; then
     log "using KMS_TEST_PG_URL from the environment"
     exec "$@"
 fi
 
 check_host=${KMS_PG_CHECK_HOST:-127.0.0.1}
 check_port=${KMS_PG_CHECK_PORT:-5432}
-if command -v pg_isready >/dev/null && pg_isready -q -h "$check_host" -p "$check_port" -t 3; then
+if [[ "$throwaway_only" != 1 ]] && command -v pg_isready >/dev/null &&
+    pg_isready -q -h "$check_host" -p "$check_port" -t 3; then
     export KMS_TEST_PG_URL="postgres://postgres@$check_host:$check_port/postgres"
     log "using running server at $check_host:$check_port"
     exec "$@"
@@ -67,7 +75,24 @@ trap 'exit 129' HUP
 chmod 700 "$tmp"
 ((EUID == 0)) && chown postgres:postgres "$tmp"
 
-log "no server at $check_host:$check_port; starting a throwaway cluster ($pg_bin)"
+if [[ "${KMS_PG_DURABLE:-0}" == 1 ]]; then
+    durability=()
+else
+    # The cluster is thrown away: durability buys nothing here.
+    durability=(-c fsync=off -c synchronous_commit=off -c full_page_writes=off)
+fi
+if [[ -n "${KMS_PG_CPUS:-}" ]]; then
+    # The postmaster inherits pg_ctl's affinity, and every backend the postmaster's.
+    pin=(taskset -c "$KMS_PG_CPUS")
+else
+    pin=()
+fi
+
+if [[ "$throwaway_only" == 1 ]]; then
+    log "starting a throwaway cluster as asked (KMS_PG_THROWAWAY=1, $pg_bin)"
+else
+    log "no server at $check_host:$check_port; starting a throwaway cluster ($pg_bin)"
+fi
 if ! "${as_pg[@]}" "$pg_bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 --locale=C \
     >"$tmp/initdb.log" 2>&1; then
     cat "$tmp/initdb.log" >&2
@@ -76,14 +101,13 @@ if ! "${as_pg[@]}" "$pg_bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 
 fi
 # Try free ports from $KMS_PG_THROWAWAY_PORT (default 55432) up; another run may grab
 # the same port between the probe and the start, so a failed start moves on.
-# fsync off: the cluster is thrown away, durability buys nothing here.
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 first_port=${KMS_PG_THROWAWAY_PORT:-55432}
 port=""
 for ((p = first_port; p < first_port + 50; p++)); do
     port_in_use "$p" && continue
-    if "${as_pg[@]}" "$pg_bin/pg_ctl" -D "$data" -l "$tmp/server.log" -w -t 30 \
-        -o "-p $p -k '$tmp' -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+    if "${as_pg[@]}" "${pin[@]}" "$pg_bin/pg_ctl" -D "$data" -l "$tmp/server.log" -w -t 30 \
+        -o "-p $p -k '$tmp' -c listen_addresses=127.0.0.1 ${durability[*]} -c max_connections=200" \
         start >/dev/null 2>>"$tmp/pg_ctl.log"; then
         port=$p
         break
@@ -97,7 +121,8 @@ if [[ -z "$port" ]]; then
 fi
 
 export KMS_TEST_PG_URL="postgres://postgres@127.0.0.1:$port/postgres"
-log "KMS_TEST_PG_URL=$KMS_TEST_PG_URL"
+export KMS_TEST_PG_SOCKET_DIR="$tmp"
+log "KMS_TEST_PG_URL=$KMS_TEST_PG_URL${KMS_PG_CPUS:+ (server on CPUs $KMS_PG_CPUS)}"
 
 # Run the command as a child so that a signal to this script (CI timeout, Ctrl-C) is
 # handled at once: forwarded to the command, then the cluster is removed. The
