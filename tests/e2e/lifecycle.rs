@@ -28,6 +28,14 @@ enum Outcome {
     /// Not an answer
     /// from the server; only acceptable for calls started after the signal.
     NotSent(Code),
+    /// The connection ended under a stream the client had opened, with no GOAWAY naming it:
+    /// h2 fails such a stream with Io BrokenPipe "stream closed because of a broken pipe",
+    /// which tonic 0.14 reports as UNKNOWN "transport error". Not an answer from the server:
+    /// hyper's graceful shutdown waits for every stream it has taken, and the test checks that
+    /// the server stopped within its grace period, so the server had not taken this one (seen
+    /// under CI load: 7 of 50 calls started after the signal, 2026-12-07). Unlike `NotSent`,
+    /// never acceptable for a call started before the signal.
+    ConnectionGone(Code),
     /// Anything else: a failure.
     Other(Code, String),
 }
@@ -47,9 +55,12 @@ fn outcome(status: &tonic::Status) -> Outcome {
         Code::Internal => chain.contains("GoAway(b\"\", NO_ERROR, Remote)"),
         _ => false,
     };
+    let connection_gone = status.code() == Code::Unknown
+        && chain.contains("hyper::Error(Io, Custom { kind: BrokenPipe");
     match status.code() {
         Code::Unavailable => Outcome::Unavailable(status.message().to_string()),
         code if not_sent => Outcome::NotSent(code),
+        code if connection_gone => Outcome::ConnectionGone(code),
         code => Outcome::Other(code, format!("{}{chain}", status.message())),
     }
 }
@@ -176,8 +187,8 @@ async fn graceful_shutdown(sig: &str) {
         in_flight > 0,
         "SIG{sig}: no call was in flight at the signal: the test proved nothing"
     );
-    // Later calls: OK, a clean UNAVAILABLE, or never sent; never CANCELLED/INTERNAL/UNKNOWN
-    // as an answer.
+    // Later calls: OK, a clean UNAVAILABLE, never sent, or refused by a connection the server
+    // had closed; never CANCELLED/INTERNAL/UNKNOWN as an answer.
     for c in &after {
         assert!(
             !matches!(c.outcome, Outcome::Other(..)),
