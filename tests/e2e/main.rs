@@ -12,6 +12,7 @@ mod audit_kmsctl;
 mod audit_outage;
 mod authz;
 mod bad_inputs;
+mod bench_scripts;
 mod hsm_outage;
 mod key_rotation;
 mod lifecycle;
