@@ -635,6 +635,30 @@ async fn migrated_schemas_have_the_same_tables_and_columns() {
     assert_eq!(sqlite_columns, pg_columns);
 }
 
+/// PostgreSQL does not try to compress ciphertext (migration 0004): the sealed columns are
+/// stored EXTERNAL, not EXTENDED.
+#[tokio::test]
+async fn postgres_ciphertext_columns_skip_compression() {
+    let db = TestDb::postgres().await;
+    let mut pg = PgConnection::connect(&db.url).await.unwrap();
+    let storage: Vec<(String, String)> = sqlx::query_as(
+        "SELECT attname::text, attstorage::text FROM pg_attribute \
+         WHERE attrelid = 'note_revisions'::regclass \
+           AND attname IN ('body_ciphertext', 'reason_ciphertext') ORDER BY attname",
+    )
+    .fetch_all(&mut pg)
+    .await
+    .unwrap();
+    let _ = pg.close().await;
+    assert_eq!(
+        storage,
+        [
+            ("body_ciphertext".to_string(), "e".to_string()),
+            ("reason_ciphertext".to_string(), "e".to_string())
+        ]
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Client keys (crypto-shredding) and re-wrap campaigns
 
