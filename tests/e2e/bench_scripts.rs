@@ -7,10 +7,12 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// Runs inside the script: the three settings, then the postmaster's allowed CPUs.
+/// Runs inside the script: the three settings, then the postmaster's allowed CPUs (its pid is
+/// the first line of `postmaster.pid` in the server's own data directory).
 const PROBE: &str = r#"psql "$KMS_TEST_PG_URL" -Atc 'SHOW fsync' -c 'SHOW synchronous_commit' \
     -c 'SHOW full_page_writes' && \
-    grep Cpus_allowed_list "/proc/$(head -n 1 "$KMS_TEST_PG_SOCKET_DIR/data/postmaster.pid")/status""#;
+    data=$(psql "$KMS_TEST_PG_URL" -Atc 'SHOW data_directory') && \
+    grep Cpus_allowed_list "/proc/$(head -n 1 "$data/postmaster.pid")/status""#;
 
 fn with_postgres(env: &[(&str, &str)]) -> String {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/with-postgres.sh");
