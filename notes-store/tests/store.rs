@@ -659,6 +659,90 @@ async fn postgres_ciphertext_columns_skip_compression() {
     );
 }
 
+/// Ends every server connection of the test's database and waits until they are gone, as a
+/// restart of PostgreSQL would (the store keeps connections across calls: its pool, and a
+/// connection of its own per note writer).
+async fn terminate_store_connections(db: &TestDb) {
+    let mut admin = PgConnection::connect(&pg_admin_url()).await.unwrap();
+    let name = db.pg_database.clone().unwrap();
+    let ended: Vec<(bool,)> = sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&name)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(!ended.is_empty(), "the store held no connection");
+    for _ in 0..100 {
+        let (left,): (i64,) =
+            sqlx::query_as("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+                .bind(&name)
+                .fetch_one(&mut admin)
+                .await
+                .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = admin.close().await;
+}
+
+/// Connections broken behind the store's back (a PostgreSQL restart, a dropped network path):
+/// one that sat idle for a second is checked before use and replaced, so the next write and
+/// read succeed; a note writer's connection broken while in recent use fails one write with
+/// UNAVAILABLE and is replaced for the next. The note writers keep a connection of their own
+/// and skip the check while busy (`postgres_inserter`): this is what still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_replaces_connections_broken_behind_its_back() {
+    let db = TestDb::postgres().await;
+    let s = db.store.as_ref();
+    // Sequential calls: both note writers take turns (the queue's lock is fair), so each
+    // holds a connection, and the pool holds the readers'.
+    let first = note("a", "c1", "2024-01-01");
+    insert(s, &first).await;
+    for _ in 0..3 {
+        insert(s, &note("a", "c1", "2024-01-01")).await;
+        assert!(s.get_note(first.note_id).await.unwrap().is_some());
+    }
+
+    terminate_store_connections(&db).await;
+    tokio::time::sleep(notes_store::store::PG_WRITER_PING_IF_IDLE_FOR + Duration::from_millis(200))
+        .await;
+    for _ in 0..4 {
+        insert(s, &note("a", "c1", "2024-01-02")).await;
+        assert_eq!(
+            s.get_note(first.note_id).await.unwrap(),
+            Some(first.clone())
+        );
+    }
+
+    // Broken while recently used: the pool checks every connection it lends, so reads go on
+    // at once; a note writer's own connection fails one group with UNAVAILABLE and is replaced.
+    // There are two writers.
+    terminate_store_connections(&db).await;
+    for _ in 0..4 {
+        assert_eq!(
+            s.get_note(first.note_id).await.unwrap(),
+            Some(first.clone())
+        );
+    }
+    let mut failed_writes = 0;
+    loop {
+        let n = note("a", "c1", "2024-01-03");
+        match s.insert_note(&n, &revision(n.note_id, 1)).await {
+            Ok(()) => break,
+            Err(StoreError::Unavailable(_)) => failed_writes += 1,
+            Err(other) => panic!("insert on a broken connection: {other:?}"),
+        }
+        assert!(failed_writes <= 2, "a broken connection was used again");
+    }
+    let fourth = note("a", "c1", "2024-01-04");
+    insert(s, &fourth).await;
+    assert_eq!(s.get_note(fourth.note_id).await.unwrap(), Some(fourth));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Client keys (crypto-shredding) and re-wrap campaigns
 

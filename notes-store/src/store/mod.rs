@@ -30,6 +30,8 @@ pub use keys::{
     RewrapStore, RewrapUpdate,
 };
 pub use postgres::PostgresStore;
+/// How long a PostgreSQL note writer's own connection may sit idle before it is checked.
+pub use postgres_inserter::PING_IF_IDLE_FOR as PG_WRITER_PING_IF_IDLE_FOR;
 pub use sqlite::SqliteStore;
 
 use crate::crypto::Sealed;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -215,7 +215,7 @@ impl NoteStore for PostgresStore {
 /// Inserts one note and its first revision as one autocommit statement (a note that arrives
 /// alone, and each note of a group that broke a constraint: `postgres_inserter`).
 pub(super) async fn insert_one(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     note: &NoteRecord,
     first: &RevisionRecord,
 ) -> Result<(), StoreError> {
@@ -253,7 +253,7 @@ pub(super) async fn insert_one(
     .bind(note.created_at_ms)
     .bind(note.updated_at_ms);
     let row = bind_revision_after_id(query, r)
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await
         .map_err(map_err)?;
     let client_state: Option<String> = row.try_get(0).map_err(map_err)?;
