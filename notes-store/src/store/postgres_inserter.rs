@@ -155,9 +155,11 @@ impl Writer {
                 return group.iter().map(|_| Err(e.clone())).collect();
             }
         };
+        // An error that may have come from the connection itself (rather than from a note's
+        // values or its client's state) gives the connection back: the pool's ping decides.
         if results
             .iter()
-            .any(|r| matches!(r, Err(StoreError::Unavailable(_))))
+            .any(|r| matches!(r, Err(StoreError::Unavailable(_) | StoreError::Internal(_))))
         {
             self.held = None;
         } else if let Some(held) = &mut self.held {
