@@ -24,7 +24,7 @@
 //! [`WRITERS`] tasks take turns at the queue: while one waits for its COMMIT, the other is
 //! already collecting and writing the next group.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -129,10 +129,7 @@ impl Writer {
     async fn insert_group(&mut self, group: &[Job]) -> Vec<Result<(), StoreError>> {
         let conn = match self.connection().await {
             Ok(conn) => conn,
-            Err(e) => {
-                let e = map_err(e);
-                return group.iter().map(|_| Err(e.clone())).collect();
-            }
+            Err(e) => return every_note_fails(group, e),
         };
         let outcome = if let [job] = group {
             Ok(vec![insert_one(&mut *conn, &job.note, &job.first).await])
@@ -151,8 +148,7 @@ impl Writer {
             Err(e) => {
                 // The connection may be broken: the pool's ping on its return decides.
                 self.held = None;
-                let e = map_err(e);
-                return group.iter().map(|_| Err(e.clone())).collect();
+                return every_note_fails(group, e);
             }
         };
         // An error that may have come from the connection itself (rather than from a note's
@@ -217,7 +213,6 @@ async fn insert_together(
     conn: &mut PgConnection,
     group: &[Job],
 ) -> Result<Vec<Result<(), StoreError>>, sqlx::Error> {
-    let jobs: Vec<&Job> = group.iter().collect();
     let rows = sqlx::query(
         "WITH client AS MATERIALIZED ( \
              SELECT site_id, client_id, state FROM client_keys \
@@ -250,34 +245,35 @@ async fn insert_together(
          UNION ALL \
          SELECT NULL::uuid, site_id, client_id, state FROM client WHERE state <> 'ACTIVE'",
     )
-    .bind(column(&jobs, |j| j.note.note_id))
-    .bind(column(&jobs, |j| j.note.site_id.as_str()))
-    .bind(column(&jobs, |j| j.note.client_id.as_str()))
-    .bind(column(&jobs, |j| j.note.author_id.as_str()))
-    .bind(column(&jobs, |j| j.note.session_date.as_str()))
-    .bind(column(&jobs, |j| i64::from(j.note.current_revision)))
-    .bind(column(&jobs, |j| j.note.created_at_ms))
-    .bind(column(&jobs, |j| j.note.updated_at_ms))
-    .bind(column(&jobs, |j| i64::from(j.first.meta.revision)))
-    .bind(column(&jobs, |j| j.first.meta.author_id.as_str()))
-    .bind(column(&jobs, |j| j.first.meta.created_at_ms))
-    .bind(column(&jobs, |j| j.first.meta.kms_key_id.as_str()))
-    .bind(column(&jobs, |j| i64::from(j.first.meta.kms_key_version)))
-    .bind(column(&jobs, |j| i64::from(j.first.crypto_version)))
-    .bind(column(&jobs, |j| j.first.wrapped_key.as_slice()))
-    .bind(column(&jobs, |j| j.first.body.nonce.as_slice()))
-    .bind(column(&jobs, |j| j.first.body.ciphertext.as_slice()))
-    .bind(column(&jobs, |j| {
+    .bind(column(group, |j| j.note.note_id))
+    .bind(column(group, |j| j.note.site_id.as_str()))
+    .bind(column(group, |j| j.note.client_id.as_str()))
+    .bind(column(group, |j| j.note.author_id.as_str()))
+    .bind(column(group, |j| j.note.session_date.as_str()))
+    .bind(column(group, |j| i64::from(j.note.current_revision)))
+    .bind(column(group, |j| j.note.created_at_ms))
+    .bind(column(group, |j| j.note.updated_at_ms))
+    .bind(column(group, |j| i64::from(j.first.meta.revision)))
+    .bind(column(group, |j| j.first.meta.author_id.as_str()))
+    .bind(column(group, |j| j.first.meta.created_at_ms))
+    .bind(column(group, |j| j.first.meta.kms_key_id.as_str()))
+    .bind(column(group, |j| i64::from(j.first.meta.kms_key_version)))
+    .bind(column(group, |j| i64::from(j.first.crypto_version)))
+    .bind(column(group, |j| j.first.wrapped_key.as_slice()))
+    .bind(column(group, |j| j.first.body.nonce.as_slice()))
+    .bind(column(group, |j| j.first.body.ciphertext.as_slice()))
+    .bind(column(group, |j| {
         j.first.reason.as_ref().map(|s| s.nonce.as_slice())
     }))
-    .bind(column(&jobs, |j| {
+    .bind(column(group, |j| {
         j.first.reason.as_ref().map(|s| s.ciphertext.as_slice())
     }))
     .fetch_all(&mut *conn)
     .await?;
 
     let mut written = BTreeSet::new();
-    let mut refused = BTreeMap::new();
+    // (site, client, state): almost always empty.
+    let mut refused = Vec::new();
     for row in &rows {
         let note_id: Option<Uuid> = row.try_get(0)?;
         let site: Option<String> = row.try_get(1)?;
@@ -288,7 +284,7 @@ async fn insert_together(
                 written.insert(note_id);
             }
             (None, Some(site), Some(client), Some(state)) => {
-                refused.insert((site, client), state);
+                refused.push((site, client, state));
             }
             _ => {}
         }
@@ -299,8 +295,13 @@ async fn insert_together(
             if written.contains(&job.note.note_id) {
                 return Ok(());
             }
-            let key = (job.note.site_id.clone(), job.note.client_id.clone());
-            ClientState::check_writable(refused.get(&key).map(String::as_str))?;
+            let state = refused
+                .iter()
+                .find(|(site, client, _)| {
+                    *site == job.note.site_id && *client == job.note.client_id
+                })
+                .map(|(_, _, state)| state.as_str());
+            ClientState::check_writable(state)?;
             // Cannot happen: a note whose client was not refused is written.
             Err(StoreError::Internal(
                 "the group insert neither wrote nor refused a note".into(),
@@ -310,6 +311,12 @@ async fn insert_together(
 }
 
 /// One column of the group, as an array parameter for `unnest`.
-fn column<'j, T>(jobs: &[&'j Job], value: impl Fn(&'j Job) -> T) -> Vec<T> {
-    jobs.iter().map(|&job| value(job)).collect()
+fn column<'j, T>(group: &'j [Job], value: impl Fn(&'j Job) -> T) -> Vec<T> {
+    group.iter().map(value).collect()
+}
+
+/// The same error for every note of the group.
+fn every_note_fails(group: &[Job], e: sqlx::Error) -> Vec<Result<(), StoreError>> {
+    let e = map_err(e);
+    group.iter().map(|_| Err(e.clone())).collect()
 }
