@@ -17,6 +17,9 @@ use crate::{
 /// The generated client of the key service over one endpoint's channel.
 type Grpc = KeyManagementServiceClient<Channel>;
 
+/// Largest number of items the server accepts in one `GenerateDataKeys` call.
+pub const MAX_DATA_KEYS_PER_CALL: usize = 64;
+
 /// Upper bound on pages followed by [`KmsClient::list_all_keys`], against a server that never
 /// stops returning tokens.
 const MAX_PAGES: usize = 10_000;
@@ -184,6 +187,66 @@ impl KmsClient {
             key_id: response.key_id,
             key_version: response.key_version,
         })
+    }
+
+    /// Up to [`MAX_DATA_KEYS_PER_CALL`] fresh data keys in one call, item `i` under
+    /// `items[i].0` bound to `items[i].1`: one result per item, in order. An item fails alone
+    /// (its error is an [`Error::Rpc`] with the item's status); the whole call fails only if
+    /// the call itself does. Each item is authorized and audited as a `generate_data_key`.
+    pub async fn generate_data_keys(
+        &self,
+        items: &[(&str, &EncryptionContext)],
+    ) -> Result<Vec<Result<DataKey, Error>>, Error> {
+        let (response, endpoint) =
+            self.transport
+                .call_at(
+                    Method::GenerateDataKeys,
+                    || pb::GenerateDataKeysRequest {
+                        items: items
+                            .iter()
+                            .map(|(key, context)| pb::GenerateDataKeyRequest {
+                                key: (*key).into(),
+                                encryption_context: to_proto_context(context),
+                            })
+                            .collect(),
+                    },
+                    |channel, request| async move {
+                        Grpc::new(channel).generate_data_keys(request).await
+                    },
+                )
+                .await?;
+        if response.results.len() != items.len() {
+            return Err(Error::InvalidResponse {
+                method: "GenerateDataKeys",
+                reason: format!(
+                    "{} results for {} items",
+                    response.results.len(),
+                    items.len()
+                ),
+            });
+        }
+        Ok(response
+            .results
+            .into_iter()
+            .map(|result| match result.data_key {
+                Some(mut dk) if result.code == 0 => Ok(DataKey {
+                    // Move (not copy) the plaintext into zeroizing memory.
+                    plaintext: Zeroizing::new(mem::take(&mut dk.plaintext)),
+                    ciphertext_blob: dk.ciphertext_blob,
+                    key_id: dk.key_id,
+                    key_version: dk.key_version,
+                }),
+                None if result.code == 0 => Err(Error::InvalidResponse {
+                    method: "GenerateDataKeys",
+                    reason: "an item succeeded without a data key".into(),
+                }),
+                _ => Err(Error::Rpc {
+                    method: "GenerateDataKeys",
+                    endpoint: endpoint.clone(),
+                    status: tonic::Status::new(tonic::Code::from_i32(result.code), result.message),
+                }),
+            })
+            .collect())
     }
 
     /// A fresh data key, wrapped only (for a component that will decrypt it later).

@@ -57,6 +57,8 @@ pub enum Method {
     DisableKey,
     /// Each call makes a fresh data key and stores nothing: a repeat only wastes a key.
     GenerateDataKey,
+    /// As `GenerateDataKey`, item by item.
+    GenerateDataKeys,
     /// As `GenerateDataKey`.
     GenerateDataKeyWithoutPlaintext,
     /// Stores nothing; a repeat returns another valid blob for the same plaintext.
@@ -109,6 +111,7 @@ impl Method {
             Method::EnableKey => "EnableKey",
             Method::DisableKey => "DisableKey",
             Method::GenerateDataKey => "GenerateDataKey",
+            Method::GenerateDataKeys => "GenerateDataKeys",
             Method::GenerateDataKeyWithoutPlaintext => "GenerateDataKeyWithoutPlaintext",
             Method::Encrypt => "Encrypt",
             Method::Decrypt => "Decrypt",
@@ -289,6 +292,20 @@ impl Transport {
         Ok(response)
     }
 
+    /// [`Transport::call`], also returning the endpoint that answered (for per-item errors of
+    /// a batch call).
+    pub(crate) async fn call_at<Req, Resp, Fut>(
+        &self,
+        method: Method,
+        make: impl Fn() -> Req,
+        send: impl Fn(Channel, tonic::Request<Req>) -> Fut,
+    ) -> Result<(Resp, String), Error>
+    where
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        self.run(method, Deadline::Call, make, send).await
+    }
+
     /// Opens a server stream under the policy (see the module documentation): no
     /// `grpc-timeout`, failover and retries only until the stream is open. Returns the stream
     /// and the endpoint that serves it (for errors met while reading it).
@@ -431,13 +448,14 @@ fn chain(err: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
 
-    const ALL: [Method; 16] = [
+    const ALL: [Method; 17] = [
         Method::CreateKey,
         Method::DescribeKey,
         Method::ListKeys,
         Method::EnableKey,
         Method::DisableKey,
         Method::GenerateDataKey,
+        Method::GenerateDataKeys,
         Method::GenerateDataKeyWithoutPlaintext,
         Method::Encrypt,
         Method::Decrypt,

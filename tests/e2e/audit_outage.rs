@@ -88,20 +88,29 @@ async fn load(app: KmsClient, task: usize, stop: Arc<AtomicBool>) -> Vec<Answer>
         .unwrap()
         .ciphertext_blob;
     let mut answers = Vec::new();
-    let mut generate = true;
+    let mut turn = 0;
     while !stop.load(Ordering::Relaxed) {
         let sent = Instant::now();
-        let (operation, code) = if generate {
-            (
+        let (operation, code) = match turn % 3 {
+            0 => (
                 "GenerateDataKey",
                 code_of(app.generate_data_key("outage", &c).await),
-            )
-        } else {
-            let who = AuditMetadata {
-                acting_user: "dr-lee".into(),
-                purpose: "TREATMENT".into(),
-            };
-            ("Decrypt", code_of(app.decrypt(&blob, &c, Some(who)).await))
+            ),
+            1 => {
+                let who = AuditMetadata {
+                    acting_user: "dr-lee".into(),
+                    purpose: "TREATMENT".into(),
+                };
+                ("Decrypt", code_of(app.decrypt(&blob, &c, Some(who)).await))
+            }
+            _ => (
+                "GenerateDataKeys",
+                items_code(
+                    app.generate_data_keys(&[("outage", &c); BATCH_ITEMS])
+                        .await
+                        .unwrap(),
+                ),
+            ),
         };
         answers.push(Answer {
             operation,
@@ -109,10 +118,24 @@ async fn load(app: KmsClient, task: usize, stop: Arc<AtomicBool>) -> Vec<Answer>
             answered: Instant::now(),
             code,
         });
-        generate = !generate;
+        turn += 1;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     answers
+}
+
+/// Items per GenerateDataKeys call of `load`.
+const BATCH_ITEMS: usize = 3;
+
+/// The code of a GenerateDataKeys call's items: OK if all are, else the one code they all
+/// share (each item is audited, so each fails closed on its own).
+fn items_code<T>(items: Vec<Result<T, Error>>) -> &'static str {
+    let codes: Vec<&'static str> = items.into_iter().map(code_of).collect();
+    assert!(
+        codes.iter().all(|c| *c == codes[0]),
+        "items differ: {codes:?}"
+    );
+    codes[0]
 }
 
 async fn wait_for_health(server: &KmsServer, want: ServingStatus) {
@@ -189,6 +212,10 @@ async fn unwritable_sqlite_audit_store_fails_closed_and_recovers() {
         "only {} calls in the window",
         inside.len()
     );
+    assert!(
+        inside.iter().any(|a| a.operation == "GenerateDataKeys"),
+        "no GenerateDataKeys call in the window"
+    );
     let codes: BTreeMap<&str, usize> = inside.iter().fold(BTreeMap::new(), |mut m, a| {
         *m.entry(a.code).or_default() += 1;
         m
@@ -220,18 +247,28 @@ async fn unwritable_sqlite_audit_store_fails_closed_and_recovers() {
     let events: Vec<&AuditEvent> = records.iter().filter_map(ExportRecord::as_event).collect();
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
-    // Every OK answer is on record (the refused ones could not be).
+    // Every OK answer is on record (the refused ones could not be); a GenerateDataKeys call's
+    // items are GenerateDataKey events.
     for op in ["GenerateDataKey", "Decrypt"] {
         let ok_answers = answers
             .iter()
             .filter(|a| a.operation == op && a.code == "OK")
             .count();
+        let ok_items = if op == "GenerateDataKey" {
+            BATCH_ITEMS
+                * answers
+                    .iter()
+                    .filter(|a| a.operation == "GenerateDataKeys" && a.code == "OK")
+                    .count()
+        } else {
+            0
+        };
         let ok_events = events
             .iter()
             .filter(|e| e.operation == op && e.outcome == "OK" && e.context.contains_key("client"))
             .count();
         // `load` makes one untimed GenerateDataKey per task for its blob.
         let setup = if op == "GenerateDataKey" { 4 } else { 0 };
-        assert_eq!(ok_events, ok_answers + setup, "{op}");
+        assert_eq!(ok_events, ok_answers + ok_items + setup, "{op}");
     }
 }

@@ -81,6 +81,7 @@ enum Rpc {
     EnableKey,
     DisableKey,
     GenerateDataKey,
+    GenerateDataKeys,
     GenerateDataKeyWithoutPlaintext,
     Encrypt,
     Decrypt,
@@ -115,13 +116,14 @@ fn is_audit(rpc: Rpc) -> bool {
     )
 }
 
-const RPCS: [Rpc; 26] = [
+const RPCS: [Rpc; 27] = [
     Rpc::CreateKey,
     Rpc::ListKeys,
     Rpc::DescribeKey,
     Rpc::EnableKey,
     Rpc::DisableKey,
     Rpc::GenerateDataKey,
+    Rpc::GenerateDataKeys,
     Rpc::GenerateDataKeyWithoutPlaintext,
     Rpc::Encrypt,
     Rpc::Decrypt,
@@ -257,6 +259,24 @@ async fn run(
             })
             .await
             .map(drop),
+        // One item: the call succeeds and the item carries the verdict GenerateDataKey would
+        // give.
+        Rpc::GenerateDataKeys => c
+            .kms
+            .generate_data_keys(pb::GenerateDataKeysRequest {
+                items: vec![pb::GenerateDataKeyRequest {
+                    key,
+                    encryption_context: ctx,
+                }],
+            })
+            .await
+            .and_then(|r| {
+                let item = r.into_inner().results.remove(0);
+                match item.code {
+                    0 => Ok(()),
+                    code => Err(tonic::Status::new(Code::from(code), item.message)),
+                }
+            }),
         Rpc::GenerateDataKeyWithoutPlaintext => c
             .kms
             .generate_data_key_without_plaintext(pb::GenerateDataKeyWithoutPlaintextRequest {
@@ -442,6 +462,7 @@ fn is_crypto(rpc: Rpc) -> bool {
     matches!(
         rpc,
         Rpc::GenerateDataKey
+            | Rpc::GenerateDataKeys
             | Rpc::GenerateDataKeyWithoutPlaintext
             | Rpc::Encrypt
             | Rpc::Decrypt
@@ -696,9 +717,9 @@ async fn authorization_matrix() {
         failures.len(),
         failures.join("\n")
     );
-    // 5 callers x 26 RPCs (20 key RPCs, WhoAmI, 5 audit RPCs) x 4 targets.
+    // 5 callers x 27 RPCs (21 key RPCs, WhoAmI, 5 audit RPCs) x 4 targets.
     assert_eq!(cells, 5 * RPCS.len() * TARGETS.len());
-    assert_eq!(RPCS.len(), 26);
+    assert_eq!(RPCS.len(), 27);
 
     // The role that allowed a call is in its audit event.
     let mut auditor = callers.remove(3);

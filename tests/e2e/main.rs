@@ -13,6 +13,7 @@ mod audit_outage;
 mod authz;
 mod bad_inputs;
 mod bench_scripts;
+mod data_keys_batch;
 mod hsm_outage;
 mod key_rotation;
 mod lifecycle;

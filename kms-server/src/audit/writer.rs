@@ -118,6 +118,39 @@ impl AuditLog {
             Ok(Err(_)) => return Err(KmsError::Unavailable("audit log is shut down".into())),
             Err(_) => return Err(KmsError::Unavailable("audit log is overloaded".into())),
         }
+        self.committed(wait).await
+    }
+
+    /// Appends several events and waits until they are durable; one result per event, in
+    /// order. They are queued back to back, so the writer usually commits them together.
+    pub async fn record_many(&self, fields: Vec<EventFields>) -> Vec<Result<u64, KmsError>> {
+        let mut waits = Vec::with_capacity(fields.len());
+        for f in fields {
+            let (done, wait) = oneshot::channel();
+            let send = self.tx.send(Command::Append(Box::new(f), done));
+            waits.push(
+                match tokio::time::timeout(self.settings.enqueue_timeout, send).await {
+                    Ok(Ok(())) => Ok(wait),
+                    Ok(Err(_)) => Err(KmsError::Unavailable("audit log is shut down".into())),
+                    Err(_) => Err(KmsError::Unavailable("audit log is overloaded".into())),
+                },
+            );
+        }
+        let mut out = Vec::with_capacity(waits.len());
+        for wait in waits {
+            out.push(match wait {
+                Ok(wait) => self.committed(wait).await,
+                Err(e) => Err(e),
+            });
+        }
+        out
+    }
+
+    /// Waits for the writer's answer about one queued event.
+    async fn committed(
+        &self,
+        wait: oneshot::Receiver<Result<u64, String>>,
+    ) -> Result<u64, KmsError> {
         match tokio::time::timeout(self.settings.commit_timeout, wait).await {
             Ok(Ok(Ok(seq))) => Ok(seq),
             Ok(Ok(Err(e))) => Err(KmsError::Unavailable(format!(

@@ -8,6 +8,7 @@
 mod batch;
 mod cache;
 mod call;
+mod datakey_batch;
 mod datakeys;
 mod keys;
 mod lifecycle;
@@ -33,6 +34,7 @@ use crate::store::{KeyRecord, KeyState, KeyStore, KeyVersionRecord};
 pub use batch::MAX_BATCH_ITEMS;
 use cache::KeyCache;
 pub use call::Call;
+pub use datakey_batch::MAX_DATA_KEYS_PER_CALL;
 pub use lifecycle::MAX_DELETION_WAITING;
 use validate::KeyRef;
 
@@ -296,16 +298,7 @@ where
     let span = tracing::info_span!("rpc", rpc, request_id = %rid, peer = %peer);
     let call = Call::new(identity, rid.clone());
     let mut result = handler(req, call.clone()).instrument(span.clone()).await;
-    let code = match &result {
-        Ok(_) => tonic::Code::Ok,
-        Err(e) => e.code(),
-    };
-    let detail = match &result {
-        Ok(_) => String::new(),
-        Err(e) => e.to_string().chars().take(256).collect(),
-    };
-    let latency_us = started.elapsed().as_micros() as u64;
-    let fields = call.into_fields(rpc, crate::error::code_name(code), latency_us, detail);
+    let fields = event_fields(call, rpc, started, &result);
     if let Err(e) = audit.record(fields).await {
         span.in_scope(|| tracing::error!(error = %e, "audit record failed; refusing the answer"));
         result = Err(e);
@@ -324,6 +317,22 @@ where
         response.metadata_mut().insert("x-request-id", v);
     }
     Ok(response)
+}
+
+/// The audit event of a call that ended with `result`: its outcome code, and the error's
+/// message as detail (errors never carry secrets).
+fn event_fields<Res>(
+    call: Call,
+    rpc: &str,
+    started: Instant,
+    result: &Result<Res, KmsError>,
+) -> kms_audit::EventFields {
+    let (code, detail) = match result {
+        Ok(_) => (tonic::Code::Ok, String::new()),
+        Err(e) => (e.code(), e.to_string().chars().take(256).collect()),
+    };
+    let latency_us = started.elapsed().as_micros() as u64;
+    call.into_fields(rpc, crate::error::code_name(code), latency_us, detail)
 }
 
 #[tonic::async_trait]
@@ -397,6 +406,12 @@ impl KeyManagementService for KmsService {
             self.handle_generate_data_key(r.into_inner(), Permission::GenerateDataKey, call)
         })
         .await
+    }
+    async fn generate_data_keys(
+        &self,
+        r: Request<pb::GenerateDataKeysRequest>,
+    ) -> Result<Response<pb::GenerateDataKeysResponse>, Status> {
+        self.handle_generate_data_keys(r).await
     }
     async fn generate_data_key_without_plaintext(
         &self,
