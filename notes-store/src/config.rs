@@ -111,6 +111,11 @@ pub struct KmsSection {
     pub connect_timeout_ms: u64,
     #[serde(default = "default_retries")]
     pub max_retries: u32,
+    /// `GenerateDataKeys` calls outstanding at most (1-64). The data-key requests of the
+    /// writes that arrive while every call is out go together in the next one
+    /// (`crate::kms_batch`): fewer calls make bigger groups.
+    #[serde(default = "default_data_key_calls")]
+    pub data_key_calls_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -150,6 +155,9 @@ fn default_connect_timeout() -> u64 {
 }
 fn default_retries() -> u32 {
     1
+}
+fn default_data_key_calls() -> usize {
+    crate::kms_batch::DEFAULT_CALLS_IN_FLIGHT
 }
 fn default_log_format() -> String {
     "text".into()
@@ -253,6 +261,9 @@ impl Config {
         if self.kms.request_timeout_ms == 0 || self.kms.connect_timeout_ms == 0 {
             bail!("kms timeouts must be greater than zero");
         }
+        if !(1..=64).contains(&self.kms.data_key_calls_in_flight) {
+            bail!("kms.data_key_calls_in_flight must be 1-64");
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!("log.format must be \"text\" or \"json\"");
         }
@@ -327,6 +338,23 @@ mod tests {
         cfg.validate().unwrap();
         cfg.server.listen = "0.0.0.0:7543".parse().unwrap();
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn data_key_calls_in_flight_is_bounded() {
+        let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        assert_eq!(cfg.kms.data_key_calls_in_flight, 2);
+        for (calls, ok) in [(0, false), (1, true), (64, true), (65, false)] {
+            cfg.kms.data_key_calls_in_flight = calls;
+            assert_eq!(cfg.validate().is_ok(), ok, "{calls}");
+        }
+        let without = EXAMPLE.replace("data_key_calls_in_flight = 2\n", "");
+        assert!(!without.contains("data_key_calls_in_flight"));
+        let cfg: Config = toml::from_str(&without).unwrap();
+        assert_eq!(
+            cfg.kms.data_key_calls_in_flight,
+            crate::kms_batch::DEFAULT_CALLS_IN_FLIGHT
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::store::StoreError;
 /// The message of every integrity failure: deliberately the same whatever the cause.
 pub const INTEGRITY_MESSAGE: &str = "note ciphertext does not match its record";
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum NotesError {
     #[error("{0}")]
     InvalidArgument(String),

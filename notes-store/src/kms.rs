@@ -1,5 +1,6 @@
 //! notes-store's use of the KMS, through kms-client with notes-store's own client certificate:
-//! a fresh data key per revision (`GenerateDataKey`, under the client's own key) and an unwrap
+//! a fresh data key per revision (`GenerateDataKeys`, under the client's own key, gathered with
+//! the other writes in flight by `crate::kms_batch`) and an unwrap
 //! per read (`Decrypt`, with the reader's audit metadata). No data-key cache: every read asks
 //! the KMS. Client keys are created here (`CreateKey`, custodian role) and destroyed on
 //! erasure (`EraseKey`); `crate::client_keys` decides when.
@@ -17,6 +18,7 @@ use kms_client::{
 use crate::config::Config;
 use crate::crypto::{RevisionIds, DATA_KEY_LEN};
 use crate::error::{KmsCall, NotesError};
+use crate::kms_batch::DataKeyBatcher;
 
 /// A plaintext data key (zeroized on drop) and its wrapped form.
 pub struct DataKey {
@@ -30,6 +32,7 @@ pub struct DataKey {
 #[derive(Clone, Debug)]
 pub struct Kms {
     client: KmsClient,
+    data_keys: DataKeyBatcher,
     key: String,
 }
 
@@ -43,20 +46,19 @@ impl Kms {
         client_cfg.request_timeout = cfg.kms_request_timeout();
         client_cfg.connect_timeout = cfg.kms_connect_timeout();
         client_cfg.max_retries = k.max_retries;
+        let client = KmsClient::new(&client_cfg)?;
         Ok(Kms {
-            client: KmsClient::new(&client_cfg)?,
+            data_keys: DataKeyBatcher::start(client.clone(), k.data_key_calls_in_flight),
+            client,
             key: k.kms_key.clone(),
         })
     }
 
     /// A fresh data key for one revision under `key` (the client's key id), bound by the KMS
-    /// to the revision's ids.
+    /// to the revision's ids. Asked for together with the other writes in flight
+    /// (`crate::kms_batch`).
     pub async fn data_key(&self, key: &str, ids: &RevisionIds<'_>) -> Result<DataKey, NotesError> {
-        let dk = self
-            .client
-            .generate_data_key(key, &ids.kms_context())
-            .await
-            .map_err(|e| NotesError::from_kms(KmsCall::GenerateDataKey, e))?;
+        let dk = self.data_keys.data_key(key, ids.kms_context()).await?;
         if dk.plaintext.len() != DATA_KEY_LEN {
             return Err(NotesError::Internal(format!(
                 "the KMS returned a data key of {} bytes",

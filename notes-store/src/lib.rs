@@ -11,6 +11,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod kms;
+pub mod kms_batch;
 pub mod metrics;
 pub mod rewrap;
 pub mod server;

@@ -100,3 +100,82 @@ async fn concurrent_amendments_postgres() {
     kms_tests::pg::drop_database(&name).await;
     outcome.unwrap();
 }
+
+/// Concurrent CreateNote calls share KMS calls (notes-store gathers their data-key requests
+/// into GenerateDataKeys), yet every note's data key is its own: one OK GenerateDataKey audit
+/// event per note, carrying that note's ids, and every note reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_share_kms_calls_and_each_data_key_is_audited() {
+    const NOTES: usize = 48;
+    let kms = KmsServer::start(ServerOptions::default()).await.unwrap();
+    let notes = NotesServer::start(&kms, NotesOptions::default())
+        .await
+        .unwrap();
+    let c = notes.client().await.unwrap();
+    let tasks: Vec<_> = (0..NOTES)
+        .map(|i| {
+            let mut c = c.clone();
+            tokio::spawn(async move {
+                let client = format!("c-{}", i % 3);
+                let body = format!("note {i}");
+                let id = c
+                    .create_note(create_request("site-a", &client, "2024-06-06", &body))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .note_id;
+                (id, client, body)
+            })
+        })
+        .collect();
+    let mut created = Vec::new();
+    for t in tasks {
+        created.push(t.await.unwrap());
+    }
+
+    let auditor = kms.audit_client("auditor").unwrap();
+    let filter = kms_client::AuditFilter {
+        operation: Some("GenerateDataKey".into()),
+        outcome: Some("OK".into()),
+        ..Default::default()
+    };
+    let events = auditor
+        .query_audit_events(&filter, 1000, None)
+        .await
+        .unwrap()
+        .events;
+    let mut largest_call = 0;
+    for (id, client, body) in &created {
+        let mine: Vec<_> = events
+            .iter()
+            .filter(|e| e.context.get("note") == Some(id))
+            .collect();
+        assert_eq!(mine.len(), 1, "note {id}: {} data-key events", mine.len());
+        let event = mine[0];
+        assert_eq!(event.context.get("client"), Some(client));
+        assert_eq!(
+            event.context.get("site").map(String::as_str),
+            Some("site-a")
+        );
+        assert_eq!(event.context.get("revision").map(String::as_str), Some("1"));
+        // "item i of n of GenerateDataKeys call ..."
+        let n: usize = event
+            .detail
+            .split(" of ")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("detail {:?}", event.detail));
+        largest_call = largest_call.max(n);
+        let got = c
+            .clone()
+            .get_note(get_request(id, 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(&got.body, body);
+    }
+    assert!(
+        largest_call > 1,
+        "{NOTES} concurrent notes, yet every data key had a KMS call of its own"
+    );
+}
