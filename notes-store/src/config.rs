@@ -343,12 +343,12 @@ mod tests {
     #[test]
     fn data_key_calls_in_flight_is_bounded() {
         let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
-        assert_eq!(cfg.kms.data_key_calls_in_flight, 2);
+        assert_eq!(cfg.kms.data_key_calls_in_flight, 1);
         for (calls, ok) in [(0, false), (1, true), (64, true), (65, false)] {
             cfg.kms.data_key_calls_in_flight = calls;
             assert_eq!(cfg.validate().is_ok(), ok, "{calls}");
         }
-        let without = EXAMPLE.replace("data_key_calls_in_flight = 2\n", "");
+        let without = EXAMPLE.replace("data_key_calls_in_flight = 1\n", "");
         assert!(!without.contains("data_key_calls_in_flight"));
         let cfg: Config = toml::from_str(&without).unwrap();
         assert_eq!(

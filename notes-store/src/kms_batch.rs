@@ -23,10 +23,10 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::error::{KmsCall, NotesError};
 
 /// Default of `kms.data_key_calls_in_flight`. With notes-bench (16 streams, KMS and
-/// notes-store sharing two cores) 2 slots made groups of ~3.6 data keys and cut the KMS's CPU
-/// per note by ~15 %; 4 made groups of ~2.2 and were no better than one call per key
-/// (README, session 15).
-pub const DEFAULT_CALLS_IN_FLIGHT: usize = 2;
+/// notes-store sharing two cores), one call at a time gave the best ratio and cut the KMS's
+/// CPU per note by a third; 2 slots (groups of ~3.6 data keys) gained about half as much, and
+/// 4 (groups of ~2.2) nothing against one call per key (README, session 15).
+pub const DEFAULT_CALLS_IN_FLIGHT: usize = 1;
 
 /// Requests waiting for the dispatcher at most; more wait to be queued.
 const QUEUE: usize = 1024;
