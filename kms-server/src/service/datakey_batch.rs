@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use zeroize::Zeroize;
 
-use super::{event_fields, observe, request_id, Call, KmsService};
+use super::{event_fields, observe, origin, Call, KmsService};
 use crate::auth::Identity;
 use crate::error::KmsError;
 use crate::policy::Permission;
@@ -48,12 +48,7 @@ impl KmsService {
             )
             .await;
         }
-        let rid = request_id(&req);
-        let identity = crate::auth::peer_identity(&req);
-        let peer = identity
-            .as_ref()
-            .map_or("<unauthenticated>", |i| i.name.as_str())
-            .to_string();
+        let (rid, identity, peer) = origin(&req);
         let span = tracing::info_span!("rpc", rpc = "GenerateDataKeys", request_id = %rid,
             peer = %peer, items = count);
         let items = req.into_inner().items;

@@ -289,12 +289,7 @@ where
     Fut: Future<Output = Result<Res, KmsError>>,
 {
     let started = Instant::now();
-    let rid = request_id(&req);
-    let identity = crate::auth::peer_identity(&req);
-    let peer = identity
-        .as_ref()
-        .map_or("<unauthenticated>", |i| i.name.as_str())
-        .to_string();
+    let (rid, identity, peer) = origin(&req);
     let span = tracing::info_span!("rpc", rpc, request_id = %rid, peer = %peer);
     let call = Call::new(identity, rid.clone());
     let mut result = handler(req, call.clone()).instrument(span.clone()).await;
@@ -317,6 +312,16 @@ where
         response.metadata_mut().insert("x-request-id", v);
     }
     Ok(response)
+}
+
+/// Who sent `req` and under which request id: (request id, identity, name for logs).
+fn origin<T>(req: &Request<T>) -> (String, Option<crate::auth::Identity>, String) {
+    let identity = crate::auth::peer_identity(req);
+    let peer = identity
+        .as_ref()
+        .map_or("<unauthenticated>", |i| i.name.as_str())
+        .to_string();
+    (request_id(req), identity, peer)
 }
 
 /// The audit event of a call that ended with `result`: its outcome code, and the error's
