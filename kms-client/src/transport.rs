@@ -288,7 +288,7 @@ impl Transport {
     where
         Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
-        let (response, _endpoint) = self.run(method, Deadline::Call, make, send).await?;
+        let (response, _endpoint) = self.call_at(method, make, send).await?;
         Ok(response)
     }
 

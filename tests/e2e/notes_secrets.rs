@@ -1,7 +1,7 @@
 //! No plaintext at rest: after notes with distinctive bodies and amendment reasons were
 //! written and read, neither the SQLite database (main file, `-wal`, `-shm`) nor a `pg_dump`
 //! of the PostgreSQL database nor notes-store's log contains a body, a reason or a plaintext
-//! data key (raw, hex, base64 or Debug-printed).
+//! data key (raw, hex, base64 or Debug-printed); nor do the KMS's log and audit database.
 //!
 //! How the data keys are found, since notes-store never reveals them: the test reads each
 //! revision's wrapped key from the database and asks the KMS itself (as "app", with the
@@ -205,6 +205,10 @@ async fn sqlite_files_hold_no_plaintext() {
         &["notes.db-wal", "notes-store.log"],
         "running",
     );
+    // The KMS made these data keys (GenerateDataKeys, several per call under load) and
+    // unwrapped them (Decrypt): neither its log nor its audit database holds one, while its
+    // audit events name the notes.
+    assert_clean(&scan(&files(kms.dir.path()), &needles), &["kms.db"], "kms");
     // After a clean stop (SQLite may have checkpointed the WAL into the main file).
     notes
         .signal_and_wait("TERM", Duration::from_secs(10))
