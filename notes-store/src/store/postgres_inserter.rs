@@ -28,9 +28,10 @@
 //! of one KMS `GenerateDataKeys` answer (`kms_batch`) reach the queue together, from tasks
 //! woken together; Tokio runs the writer woken by the first of them next on that worker (its
 //! LIFO slot), before the others have queued theirs, so a burst was split into two or three
-//! commits. With the yield, notes-bench's groups grew from 2.6 to 5 notes and
-//! PostgreSQL's CPU per note fell by about a fifth (README, session 16). A note that arrives
-//! alone pays one scheduler turn.
+//! commits. Measured with the data-key dispatcher's yield too (`kms_batch`): notes-bench's
+//! groups grew from 2.6 to 5 notes (2.8 with the dispatcher's yield alone; this one alone was
+//! not timed) and PostgreSQL's CPU per note fell by about a fifth (README, session 16). A note
+//! that arrives alone pays one scheduler turn.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
