@@ -40,6 +40,41 @@ pub struct CpuUse {
     pub idle_cores: f64,
 }
 
+impl CpuUse {
+    /// One measurement's CPU from its slices' (`cpu`, operations, seconds): CPU per operation
+    /// weighted by each slice's operations, idle cores by its seconds. `None` if any slice has
+    /// no figures.
+    pub fn combine(parts: &[(Option<CpuUse>, u64, f64)]) -> Option<CpuUse> {
+        let (mut total_us, mut idle_core_seconds) = (BTreeMap::<String, f64>::new(), 0.0);
+        let (mut ops, mut seconds) = (0u64, 0.0);
+        for (cpu, slice_ops, slice_seconds) in parts {
+            let cpu = cpu.as_ref()?;
+            for (name, us) in &cpu.us_per_op {
+                *total_us.entry(name.clone()).or_default() += us * *slice_ops as f64;
+            }
+            idle_core_seconds += cpu.idle_cores * slice_seconds;
+            ops += slice_ops;
+            seconds += slice_seconds;
+        }
+        if parts.is_empty() {
+            return None;
+        }
+        let mut us_per_op: Vec<(String, f64)> = total_us
+            .into_iter()
+            .map(|(name, us)| (name, if ops == 0 { 0.0 } else { us / ops as f64 }))
+            .collect();
+        us_per_op.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        Some(CpuUse {
+            us_per_op,
+            idle_cores: if seconds > 0.0 {
+                idle_core_seconds / seconds
+            } else {
+                0.0
+            },
+        })
+    }
+}
+
 impl CpuSnapshot {
     /// Reads every process in /proc. `None` where /proc cannot be read (not Linux).
     pub fn take() -> Option<CpuSnapshot> {
@@ -199,6 +234,42 @@ mod tests {
         );
         assert!((used.idle_cores - 0.5).abs() < 1e-9, "{}", used.idle_cores);
         assert_eq!(after.since(&before, 0, 0.0).idle_cores, 0.0);
+    }
+
+    #[test]
+    fn combine_weights_cpu_by_operations_and_idle_by_time() {
+        let part = |us: &[(&str, f64)], idle| {
+            Some(CpuUse {
+                us_per_op: us.iter().map(|&(n, v)| (n.to_string(), v)).collect(),
+                idle_cores: idle,
+            })
+        };
+        // 100 ops at 300 µs and 300 ops at 100 µs: 60,000 µs over 400 ops = 150 µs per op.
+        // postgres only ran in the second slice: 300 × 40 / 400 = 30 µs per op.
+        let combined = CpuUse::combine(&[
+            (part(&[("kms-server", 300.0)], 0.2), 100, 1.0),
+            (
+                part(&[("kms-server", 100.0), ("postgres", 40.0)], 0.8),
+                300,
+                3.0,
+            ),
+        ])
+        .expect("every slice has figures");
+        assert_eq!(
+            combined.us_per_op,
+            vec![
+                ("kms-server".to_string(), 150.0),
+                ("postgres".to_string(), 30.0),
+            ]
+        );
+        // (0.2 × 1 s + 0.8 × 3 s) / 4 s.
+        assert!(
+            (combined.idle_cores - 0.65).abs() < 1e-9,
+            "{}",
+            combined.idle_cores
+        );
+        assert_eq!(CpuUse::combine(&[]), None);
+        assert_eq!(CpuUse::combine(&[(None, 10, 1.0)]), None);
     }
 
     #[test]

@@ -3,9 +3,13 @@
 //! throughput measured in the same run; and the durable audit event rate of that KMS while
 //! GenerateDataKey runs at full load (every answered call must have its event: `dropped`).
 //!
-//! The ratio's denominator is GenerateDataKey measured right before and right after each
-//! notes measurement (their mean; both are in the line): this VM's speed drifts by up to 2x
-//! within minutes, and one baseline at the start of the run made ratios swing both ways.
+//! The ratio's denominator is GenerateDataKey measured in slices interleaved with the notes
+//! measurement's (`--rounds`, README session 17): this VM's speed drifts by up to 2x within
+//! minutes and by up to a fifth within half a minute, so a baseline measured apart from the
+//! notes (once at the start of the run; later 9 s before and 9 s after the window) compared
+//! the notes with another machine state. With an even `--rounds` each series' slices are
+//! centred on the same instant; each ratio is total calls over total measured time, for the
+//! notes and for the baseline, and the lines carry every slice's rate.
 //!
 //! `ratio` (issue #3's goal) divides by GenerateDataKey as this benchmark's first phase calls
 //! it: one key, a two-pair context. notes-store's own calls cost the KMS more: one key per
@@ -56,9 +60,16 @@ struct Args {
     /// Measured seconds per benchmark.
     #[arg(long, default_value_t = 8)]
     seconds: u64,
-    /// Unmeasured seconds of load before each measurement.
+    /// Unmeasured seconds of load before the first GenerateDataKey measurement.
     #[arg(long, default_value_t = 2)]
     warmup: u64,
+    /// Slices each notes measurement and its GenerateDataKey baselines are cut into,
+    /// interleaved: the measured `--seconds` of each series are spread over this many rounds.
+    #[arg(long, default_value_t = 4)]
+    rounds: u32,
+    /// Unmeasured milliseconds of load before each slice.
+    #[arg(long, default_value_t = 500)]
+    slice_warmup_ms: u64,
     /// HTTP/2 connections the streams share (round robin).
     #[arg(long, default_value_t = 4)]
     channels: usize,
@@ -81,8 +92,13 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.streams == 0 || args.seconds == 0 || args.channels == 0 || args.body_bytes == 0 {
-        bail!("--streams, --seconds, --channels and --body-bytes must be positive");
+    if args.streams == 0
+        || args.seconds == 0
+        || args.channels == 0
+        || args.body_bytes == 0
+        || args.rounds == 0
+    {
+        bail!("--streams, --seconds, --channels, --body-bytes and --rounds must be positive");
     }
     // Before any thread exists: the harness reads these to find the binaries.
     for name in ["kms-server", "notes-store"] {
@@ -128,9 +144,42 @@ struct Stats {
     window_ms: (i64, i64),
     /// CPU per call by process over the measured window (`None` without /proc).
     cpu: Option<CpuUse>,
+    /// Calls per second of each slice, for a measurement combined from slices.
+    slice_rates: Vec<f64>,
 }
 
 impl Stats {
+    /// One series' slices as one measurement: calls, time, latencies and CPU added up.
+    fn combine(slices: Vec<Stats>) -> Stats {
+        let mut all = Stats {
+            ok_total: 0,
+            ok_window: 0,
+            errors: 0,
+            latencies_us: Vec::new(),
+            window: Duration::ZERO,
+            window_ms: (i64::MAX, i64::MIN),
+            cpu: None,
+            slice_rates: Vec::new(),
+        };
+        let mut cpu_parts = Vec::new();
+        for slice in slices {
+            all.slice_rates.push(round(slice.ops_per_s(), 1));
+            all.ok_total += slice.ok_total;
+            all.ok_window += slice.ok_window;
+            all.errors += slice.errors;
+            all.latencies_us.extend(slice.latencies_us);
+            all.window_ms = (
+                all.window_ms.0.min(slice.window_ms.0),
+                all.window_ms.1.max(slice.window_ms.1),
+            );
+            cpu_parts.push((slice.cpu, slice.ok_window, slice.window.as_secs_f64()));
+            all.window += slice.window;
+        }
+        all.latencies_us.sort_unstable();
+        all.cpu = CpuUse::combine(&cpu_parts);
+        all
+    }
+
     fn ops_per_s(&self) -> f64 {
         self.ok_window as f64 / self.window.as_secs_f64()
     }
@@ -156,11 +205,11 @@ fn unix_ms() -> i64 {
 }
 
 /// Runs `call` from `streams` tasks for `warmup` + `seconds`; measures the last `seconds`.
-async fn load(streams: usize, warmup: u64, seconds: u64, call: Call) -> Result<Stats> {
+async fn load(streams: usize, warmup: Duration, seconds: Duration, call: Call) -> Result<Stats> {
     let start = Instant::now();
-    let measure_from = start + Duration::from_secs(warmup);
-    let end = measure_from + Duration::from_secs(seconds);
-    let wall_from_ms = unix_ms() + i64::try_from(warmup * 1000).unwrap_or_default();
+    let measure_from = start + warmup;
+    let end = measure_from + seconds;
+    let wall_from_ms = unix_ms() + i64::try_from(warmup.as_millis()).unwrap_or_default();
     let first_error: Arc<Mutex<Option<String>>> = Arc::default();
     let mut tasks = Vec::with_capacity(streams);
     for stream in 0..streams {
@@ -208,12 +257,13 @@ async fn load(streams: usize, warmup: u64, seconds: u64, call: Call) -> Result<S
         ok_window: 0,
         errors: 0,
         latencies_us: Vec::new(),
-        window: Duration::from_secs(seconds),
+        window: seconds,
         window_ms: (
             wall_from_ms,
-            wall_from_ms + i64::try_from(seconds * 1000).unwrap_or_default(),
+            wall_from_ms + i64::try_from(seconds.as_millis()).unwrap_or_default(),
         ),
         cpu: None,
+        slice_rates: Vec::new(),
     };
     for task in tasks {
         let (ok_total, ok_window, errors, latencies) = task.await?;
@@ -224,7 +274,7 @@ async fn load(streams: usize, warmup: u64, seconds: u64, call: Call) -> Result<S
     }
     stats.latencies_us.sort_unstable();
     if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
-        stats.cpu = Some(after.since(&before, stats.ok_window, seconds as f64));
+        stats.cpu = Some(after.since(&before, stats.ok_window, seconds.as_secs_f64()));
     }
     if let Some(e) = first_error.lock().unwrap_or_else(|e| e.into_inner()).take() {
         eprintln!("notes-bench:   {} errors; first: {e}", stats.errors);
@@ -311,7 +361,13 @@ async fn run(args: Args) -> Result<()> {
         "notes-bench: kms_generate_data_key: {} streams over {} connections, {} s warm-up + {} s",
         args.streams, args.channels, args.warmup, args.seconds
     );
-    let gdk = load(args.streams, args.warmup, args.seconds, gdk_call.clone()).await?;
+    let gdk = load(
+        args.streams,
+        Duration::from_secs(args.warmup),
+        Duration::from_secs(args.seconds),
+        gdk_call.clone(),
+    )
+    .await?;
     let gdk_rate = gdk.ops_per_s();
     emit(&[
         ("bench", json!("kms_generate_data_key")),
@@ -564,27 +620,13 @@ async fn bench_notes(
         })
     };
     first_notes(args, db, &create).await?;
-    let rate = |call: &Call| {
-        let call = call.clone();
-        async move {
-            let stats = load(args.streams, args.warmup, args.seconds, call).await?;
-            anyhow::Ok(stats.ops_per_s())
-        }
-    };
-    // Nested around the window, so each baseline's mean is centred on it.
-    let gdk_before_create = rate(&baselines.plain).await?;
-    let shaped_before = rate(&baselines.notes_shaped).await?;
-    let stats = load(args.streams, args.warmup, args.seconds, create).await?;
-    let shaped_after = rate(&baselines.notes_shaped).await?;
-    let gdk_after_create = rate(&baselines.plain).await?;
-    emit_notes(
-        "notes_create",
-        db,
-        args,
-        &stats,
-        (gdk_before_create, gdk_after_create),
-        Some((shaped_before, shaped_after)),
-    );
+    let mut series =
+        interleaved(args, &[&create, &baselines.plain, &baselines.notes_shaped]).await?;
+    let shaped = series.pop();
+    let gdk = series.pop();
+    if let (Some(stats), Some(gdk)) = (series.pop(), gdk) {
+        emit_notes("notes_create", db, args, &stats, &gdk, shaped.as_ref());
+    }
 
     let ids: Arc<Vec<String>> = Arc::new(std::mem::take(
         &mut *ids.lock().unwrap_or_else(|e| e.into_inner()),
@@ -608,17 +650,32 @@ async fn bench_notes(
             })
         })
     };
-    let stats = load(args.streams, args.warmup, args.seconds, get).await?;
-    let gdk_after_get = rate(&baselines.plain).await?;
-    emit_notes(
-        "notes_get",
-        db,
-        args,
-        &stats,
-        (gdk_after_create, gdk_after_get),
-        None,
-    );
+    let mut series = interleaved(args, &[&get, &baselines.plain]).await?;
+    let gdk = series.pop();
+    if let (Some(stats), Some(gdk)) = (series.pop(), gdk) {
+        emit_notes("notes_get", db, args, &stats, &gdk, None);
+    }
     Ok(())
+}
+
+/// Measures each call of `calls` (the subject first, then its baselines) for `--seconds` in
+/// all, in `--rounds` slices interleaved round by round; returns one combined measurement per
+/// call, in order. The order within a round reverses every other round (A B C, C B A, ...),
+/// so with an even number of rounds every series' slices are centred on the same instant.
+async fn interleaved(args: &Args, calls: &[&Call]) -> Result<Vec<Stats>> {
+    let slice = Duration::from_secs(args.seconds) / args.rounds;
+    let warmup = Duration::from_millis(args.slice_warmup_ms);
+    let mut slices: Vec<Vec<Stats>> = calls.iter().map(|_| Vec::new()).collect();
+    for round in 0..args.rounds {
+        let mut order: Vec<usize> = (0..calls.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            slices[i].push(load(args.streams, warmup, slice, calls[i].clone()).await?);
+        }
+    }
+    Ok(slices.into_iter().map(Stats::combine).collect())
 }
 
 /// Each stream writes the first note of each of its clients, one after the other, so the
@@ -655,25 +712,26 @@ async fn first_notes(args: &Args, db: &str, create: &Call) -> Result<()> {
     Ok(())
 }
 
-/// `gdk`: GenerateDataKey ops/s measured right before and right after `stats`; the ratio is
-/// against their mean. `shaped`: the same for the notes-shaped calls, if measured.
+/// `gdk`: GenerateDataKey measured in slices interleaved with `stats`' (see [`interleaved`]);
+/// the ratio is against its rate over all its slices. `shaped`: the same for the
+/// notes-shaped calls, if measured.
 fn emit_notes(
     bench: &str,
     db: &str,
     args: &Args,
     stats: &Stats,
-    gdk: (f64, f64),
-    shaped: Option<(f64, f64)>,
+    gdk: &Stats,
+    shaped: Option<&Stats>,
 ) {
     let rate = stats.ops_per_s();
-    let ratio_to = |baseline: (f64, f64)| {
-        let mean = (baseline.0 + baseline.1) / 2.0;
-        let ratio = if mean > 0.0 {
-            round(rate / mean, 3)
+    let ratio_to = |baseline: &Stats| {
+        let baseline = baseline.ops_per_s();
+        let ratio = if baseline > 0.0 {
+            round(rate / baseline, 3)
         } else {
             0.0
         };
-        (mean, ratio)
+        (baseline, ratio)
     };
     let (gdk_rate, ratio) = ratio_to(gdk);
     let mut fields = vec![
@@ -684,8 +742,11 @@ fn emit_notes(
         ("p99_ms", json!(round(stats.percentile_ms(0.99), 3))),
         ("kms_gdk_ops_per_s", json!(round(gdk_rate, 1))),
         ("ratio", json!(ratio)),
-        ("kms_gdk_before_ops_per_s", json!(round(gdk.0, 1))),
-        ("kms_gdk_after_ops_per_s", json!(round(gdk.1, 1))),
+        ("rounds", json!(args.rounds)),
+        ("slices_ops_per_s", json!(stats.slice_rates)),
+        ("kms_gdk_slices_ops_per_s", json!(gdk.slice_rates)),
+        ("kms_gdk_p50_ms", json!(round(gdk.percentile_ms(0.50), 3))),
+        ("kms_gdk_cpu_us_per_op", cpu_per_op(gdk)),
     ];
     if let Some(shaped) = shaped {
         let (shaped_rate, shaped_ratio) = ratio_to(shaped);
