@@ -620,13 +620,9 @@ async fn bench_notes(
         })
     };
     first_notes(args, db, &create).await?;
-    let mut series =
-        interleaved(args, &[&create, &baselines.plain, &baselines.notes_shaped]).await?;
-    let shaped = series.pop();
-    let gdk = series.pop();
-    if let (Some(stats), Some(gdk)) = (series.pop(), gdk) {
-        emit_notes("notes_create", db, args, &stats, &gdk, shaped.as_ref());
-    }
+    let [stats, gdk, shaped] =
+        interleaved(args, [&create, &baselines.plain, &baselines.notes_shaped]).await?;
+    emit_notes("notes_create", db, args, &stats, &gdk, Some(&shaped));
 
     let ids: Arc<Vec<String>> = Arc::new(std::mem::take(
         &mut *ids.lock().unwrap_or_else(|e| e.into_inner()),
@@ -650,11 +646,8 @@ async fn bench_notes(
             })
         })
     };
-    let mut series = interleaved(args, &[&get, &baselines.plain]).await?;
-    let gdk = series.pop();
-    if let (Some(stats), Some(gdk)) = (series.pop(), gdk) {
-        emit_notes("notes_get", db, args, &stats, &gdk, None);
-    }
+    let [stats, gdk] = interleaved(args, [&get, &baselines.plain]).await?;
+    emit_notes("notes_get", db, args, &stats, &gdk, None);
     Ok(())
 }
 
@@ -662,12 +655,12 @@ async fn bench_notes(
 /// all, in `--rounds` slices interleaved round by round; returns one combined measurement per
 /// call, in order. The order within a round reverses every other round (A B C, C B A, ...),
 /// so with an even number of rounds every series' slices are centred on the same instant.
-async fn interleaved(args: &Args, calls: &[&Call]) -> Result<Vec<Stats>> {
+async fn interleaved<const N: usize>(args: &Args, calls: [&Call; N]) -> Result<[Stats; N]> {
     let slice = Duration::from_secs(args.seconds) / args.rounds;
     let warmup = Duration::from_millis(args.slice_warmup_ms);
-    let mut slices: Vec<Vec<Stats>> = calls.iter().map(|_| Vec::new()).collect();
+    let mut slices: [Vec<Stats>; N] = std::array::from_fn(|_| Vec::new());
     for round in 0..args.rounds {
-        let mut order: Vec<usize> = (0..calls.len()).collect();
+        let mut order: Vec<usize> = (0..N).collect();
         if round % 2 == 1 {
             order.reverse();
         }
@@ -675,7 +668,7 @@ async fn interleaved(args: &Args, calls: &[&Call]) -> Result<Vec<Stats>> {
             slices[i].push(load(args.streams, warmup, slice, calls[i].clone()).await?);
         }
     }
-    Ok(slices.into_iter().map(Stats::combine).collect())
+    Ok(slices.map(Stats::combine))
 }
 
 /// Each stream writes the first note of each of its clients, one after the other, so the
