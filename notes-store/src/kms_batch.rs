@@ -107,6 +107,7 @@ async fn dispatch(client: KmsClient, mut rx: mpsc::Receiver<Wanted>, calls_in_fl
 
 /// One `GenerateDataKeys` call for `group`; every waiter gets its own answer.
 async fn ask(client: &KmsClient, group: Vec<Wanted>) {
+    crate::metrics::record_data_key_call(group.len());
     let items: Vec<(&str, &EncryptionContext)> =
         group.iter().map(|w| (w.key.as_str(), &w.context)).collect();
     let answered = client.generate_data_keys(&items).await;

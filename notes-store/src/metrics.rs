@@ -1,4 +1,5 @@
-//! Prometheus metrics: request counts and latency by RPC and status, KMS and database health.
+//! Prometheus metrics: request counts and latency by RPC and status, KMS and database health,
+//! and how many data keys each KMS `GenerateDataKeys` call carried (`kms_batch`).
 //! Served on a separate localhost port by `metrics-exporter-prometheus`.
 
 use std::net::SocketAddr;
@@ -15,6 +16,10 @@ pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
             metrics_exporter_prometheus::Matcher::Full("notes_request_duration_seconds".into()),
             &[0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0],
         )?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("notes_kms_data_keys_per_call".into()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+        )?
         .install()?;
     Ok(())
 }
@@ -27,4 +32,13 @@ pub fn record_request(rpc: &'static str, code: tonic::Code, elapsed: Duration) {
 pub fn record_health(kms_ok: bool, store_ok: bool) {
     gauge!("notes_kms_up").set(if kms_ok { 1.0 } else { 0.0 });
     gauge!("notes_store_up").set(if store_ok { 1.0 } else { 0.0 });
+}
+
+/// One `GenerateDataKeys` call to the KMS with `data_keys` items, answered or not. Operators
+/// see how well concurrent writes share calls; `notes-bench` reads the two counters around
+/// each `notes_create` slice.
+pub fn record_data_key_call(data_keys: usize) {
+    counter!("notes_kms_data_key_calls_total").increment(1);
+    counter!("notes_kms_data_keys_total").increment(data_keys as u64);
+    histogram!("notes_kms_data_keys_per_call").record(data_keys as f64);
 }

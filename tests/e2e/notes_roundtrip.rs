@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use kms_proto::notes::v1 as pb;
+use kms_tests::metrics::{sample, scrape};
 use kms_tests::notes::{amend_request, create_request, get_request};
 use kms_tests::{KmsServer, NotesOptions, NotesServer, ServerOptions};
 use tonic::Code;
@@ -281,15 +282,38 @@ async fn transport_health_reflection_metrics_and_shutdown() {
     let refused: anyhow::Result<_> = anonymous.await;
     assert!(refused.is_err(), "a caller without certificate was served");
 
-    // Metrics count requests by RPC and code.
+    // Metrics count requests by RPC and code, and the data keys of each KMS call.
     let mut c = notes.client().await.unwrap();
     let err = c.get_note(get_request("nope", 0)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let addr = notes.metrics_addr.unwrap();
-    let text = reqwest_free_get(addr).await;
+    let text = scrape(addr).await.unwrap();
     assert!(
         text.contains("notes_requests_total{rpc=\"GetNote\",code=\"InvalidArgument\"}"),
         "{text}"
+    );
+    for _ in 0..3 {
+        c.create_note(create_request(
+            "site-m",
+            "client-m",
+            "2026-11-28",
+            "metrics",
+        ))
+        .await
+        .unwrap();
+    }
+    let text = scrape(addr).await.unwrap();
+    // One at a time: three calls of one data key each (a client's first note also creates its
+    // KMS key, which is not a data-key call).
+    assert_eq!(
+        sample(&text, "notes_kms_data_key_calls_total", &[]),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "notes_kms_data_keys_total", &[]), Some(3.0));
+    assert_eq!(
+        sample(&text, "notes_kms_data_keys_per_call_count", &[]),
+        Some(3.0)
     );
 
     // Graceful shutdown on SIGTERM; a second server on the same KMS stops on SIGINT.
@@ -305,19 +329,4 @@ async fn transport_health_reflection_metrics_and_shutdown() {
         .signal_and_wait("INT", Duration::from_secs(10))
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
-}
-
-/// GET /metrics with a hand-written HTTP/1.0 request.
-async fn reqwest_free_get(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut body))
-        .await
-        .unwrap()
-        .unwrap();
-    String::from_utf8(body).unwrap()
 }

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use kms_proto::kms::v1 as pb;
 use kms_proto::kms::v1::key_management_service_client::KeyManagementServiceClient;
+use kms_tests::metrics::{sample, scrape};
 use kms_tests::{wire_ctx, KmsServer, ServerOptions};
 use time::OffsetDateTime;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -277,42 +277,6 @@ async fn reflection_answers_on_v1_and_v1alpha() {
     }
 }
 
-/// GET /metrics with a hand-written HTTP/1.0 request (no chunked encoding to undo).
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut body))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8(body).unwrap();
-    assert!(
-        text.starts_with("HTTP/1.") && text.lines().next().unwrap().contains(" 200"),
-        "{text:.200}"
-    );
-    text
-}
-
-/// The value of the sample named `name` whose labels include all of `labels`.
-fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let rest = series.strip_prefix(name)?;
-            let ok = (rest.is_empty() || rest.starts_with('{'))
-                && labels.iter().all(|l| rest.contains(l));
-            if ok {
-                value.parse().ok()
-            } else {
-                None
-            }
-        })
-}
-
 #[tokio::test]
 async fn metrics_count_requests_and_show_the_session_pool() {
     let server = KmsServer::start(ServerOptions {
@@ -350,7 +314,7 @@ async fn metrics_count_requests_and_show_the_session_pool() {
     // The pool gauge comes from the health loop, once a second: poll.
     let deadline = Instant::now() + Duration::from_secs(5);
     let text = loop {
-        let text = scrape(addr).await;
+        let text = scrape(addr).await.unwrap();
         if sample(&text, "kms_hsm_sessions_in_use", &[]).is_some() {
             break text;
         }

@@ -7,6 +7,7 @@
 
 pub mod cpu;
 pub mod hsm_ceiling;
+pub mod metrics;
 pub mod notes;
 pub mod pg;
 pub mod swtpm;

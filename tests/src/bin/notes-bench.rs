@@ -26,6 +26,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::str::FromStr;
@@ -40,6 +41,7 @@ use kms_proto::kms::v1::key_management_service_client::KeyManagementServiceClien
 use kms_proto::notes::v1 as npb;
 use kms_proto::notes::v1::notes_service_client::NotesServiceClient;
 use kms_tests::cpu::{CpuSnapshot, CpuUse};
+use kms_tests::metrics;
 use kms_tests::notes::{create_request, get_request};
 use kms_tests::{pg, wire_ctx, KmsServer, NotesOptions, NotesServer, ServerOptions, AUDITOR};
 use serde_json::{json, Value};
@@ -146,6 +148,9 @@ struct Stats {
     cpu: Option<CpuUse>,
     /// Calls per second of each slice, for a measurement combined from slices.
     slice_rates: Vec<f64>,
+    /// notes-store's KMS `GenerateDataKeys` calls and the data keys they carried, per slice
+    /// (its warm-up included), where measured.
+    slice_data_key_calls: Vec<(f64, f64)>,
 }
 
 impl Stats {
@@ -160,10 +165,12 @@ impl Stats {
             window_ms: (i64::MAX, i64::MIN),
             cpu: None,
             slice_rates: Vec::new(),
+            slice_data_key_calls: Vec::new(),
         };
         let mut cpu_parts = Vec::new();
         for slice in slices {
             all.slice_rates.push(round(slice.ops_per_s(), 1));
+            all.slice_data_key_calls.extend(slice.slice_data_key_calls);
             all.ok_total += slice.ok_total;
             all.ok_window += slice.ok_window;
             all.errors += slice.errors;
@@ -178,6 +185,26 @@ impl Stats {
         all.latencies_us.sort_unstable();
         all.cpu = CpuUse::combine(&cpu_parts);
         all
+    }
+
+    /// Data keys per KMS call of each slice, and over all of them; `None` if not measured.
+    fn data_keys_per_call(&self) -> Option<(Vec<f64>, f64)> {
+        if self.slice_data_key_calls.is_empty() {
+            return None;
+        }
+        let per = |(calls, keys): (f64, f64)| {
+            if calls > 0.0 {
+                round(keys / calls, 2)
+            } else {
+                0.0
+            }
+        };
+        let slices = self.slice_data_key_calls.iter().copied().map(per).collect();
+        let total = self
+            .slice_data_key_calls
+            .iter()
+            .fold((0.0, 0.0), |(c, k), (dc, dk)| (c + dc, k + dk));
+        Some((slices, per(total)))
     }
 
     fn ops_per_s(&self) -> f64 {
@@ -264,6 +291,7 @@ async fn load(streams: usize, warmup: Duration, seconds: Duration, call: Call) -
         ),
         cpu: None,
         slice_rates: Vec::new(),
+        slice_data_key_calls: Vec::new(),
     };
     for task in tasks {
         let (ok_total, ok_window, errors, latencies) = task.await?;
@@ -577,6 +605,8 @@ async fn bench_notes(
         kms,
         NotesOptions {
             database_url: database_url.clone(),
+            // For the data keys per KMS call of each `notes_create` slice.
+            metrics: true,
             ..NotesOptions::default()
         },
     )
@@ -620,8 +650,12 @@ async fn bench_notes(
         })
     };
     first_notes(args, db, &create).await?;
-    let [stats, gdk, shaped] =
-        interleaved(args, [&create, &baselines.plain, &baselines.notes_shaped]).await?;
+    let [stats, gdk, shaped] = interleaved(
+        args,
+        [&create, &baselines.plain, &baselines.notes_shaped],
+        notes.metrics_addr,
+    )
+    .await?;
     emit_notes("notes_create", db, args, &stats, &gdk, Some(&shaped));
 
     let ids: Arc<Vec<String>> = Arc::new(std::mem::take(
@@ -646,7 +680,7 @@ async fn bench_notes(
             })
         })
     };
-    let [stats, gdk] = interleaved(args, [&get, &baselines.plain]).await?;
+    let [stats, gdk] = interleaved(args, [&get, &baselines.plain], None).await?;
     emit_notes("notes_get", db, args, &stats, &gdk, None);
     Ok(())
 }
@@ -655,7 +689,13 @@ async fn bench_notes(
 /// all, in `--rounds` slices interleaved round by round; returns one combined measurement per
 /// call, in order. The order within a round reverses every other round (A B C, C B A, ...),
 /// so with an even number of rounds every series' slices are centred on the same instant.
-async fn interleaved<const N: usize>(args: &Args, calls: [&Call; N]) -> Result<[Stats; N]> {
+/// With `data_key_metrics` (notes-store's metrics endpoint), each slice of the subject also
+/// records notes-store's KMS data-key calls and the data keys they carried.
+async fn interleaved<const N: usize>(
+    args: &Args,
+    calls: [&Call; N],
+    data_key_metrics: Option<SocketAddr>,
+) -> Result<[Stats; N]> {
     let slice = Duration::from_secs(args.seconds) / args.rounds;
     let warmup = Duration::from_millis(args.slice_warmup_ms);
     let mut slices: [Vec<Stats>; N] = std::array::from_fn(|_| Vec::new());
@@ -665,10 +705,32 @@ async fn interleaved<const N: usize>(args: &Args, calls: [&Call; N]) -> Result<[
             order.reverse();
         }
         for i in order {
-            slices[i].push(load(args.streams, warmup, slice, calls[i].clone()).await?);
+            let probe = data_key_metrics.filter(|_| i == 0);
+            let before = match probe {
+                Some(addr) => Some(data_key_counters(addr).await?),
+                None => None,
+            };
+            let mut stats = load(args.streams, warmup, slice, calls[i].clone()).await?;
+            if let (Some(addr), Some((calls_before, keys_before))) = (probe, before) {
+                let (calls_after, keys_after) = data_key_counters(addr).await?;
+                stats
+                    .slice_data_key_calls
+                    .push((calls_after - calls_before, keys_after - keys_before));
+            }
+            slices[i].push(stats);
         }
     }
     Ok(slices.map(Stats::combine))
+}
+
+/// notes-store's counters of KMS data-key calls and of the data keys they carried.
+async fn data_key_counters(addr: SocketAddr) -> Result<(f64, f64)> {
+    let text = metrics::scrape(addr).await?;
+    let value = |name| metrics::sample(&text, name, &[]).unwrap_or(0.0);
+    Ok((
+        value("notes_kms_data_key_calls_total"),
+        value("notes_kms_data_keys_total"),
+    ))
 }
 
 /// Each stream writes the first note of each of its clients, one after the other, so the
@@ -741,6 +803,12 @@ fn emit_notes(
         ("kms_gdk_p50_ms", json!(round(gdk.percentile_ms(0.50), 3))),
         ("kms_gdk_cpu_us_per_op", cpu_per_op(gdk)),
     ];
+    if let Some((slices, all)) = stats.data_keys_per_call() {
+        fields.extend([
+            ("data_keys_per_kms_call", json!(all)),
+            ("slices_data_keys_per_kms_call", json!(slices)),
+        ]);
+    }
     if let Some(shaped) = shaped {
         let (shaped_rate, shaped_ratio) = ratio_to(shaped);
         fields.extend([
