@@ -723,13 +723,18 @@ async fn interleaved<const N: usize>(
     Ok(slices.map(Stats::combine))
 }
 
-/// notes-store's counters of KMS data-key calls and of the data keys they carried.
+/// notes-store's counters of KMS data-key calls and of the data keys they carried. Both exist
+/// once the first notes are written (`first_notes`); a missing one is an error, not a zero that
+/// would be reported as a measurement.
 async fn data_key_counters(addr: SocketAddr) -> Result<(f64, f64)> {
     let text = metrics::scrape(addr).await?;
-    let value = |name| metrics::sample(&text, name, &[]).unwrap_or(0.0);
+    let value = |name| {
+        metrics::sample(&text, name, &[])
+            .ok_or_else(|| anyhow!("notes-store's metrics have no {name}"))
+    };
     Ok((
-        value("notes_kms_data_key_calls_total"),
-        value("notes_kms_data_keys_total"),
+        value("notes_kms_data_key_calls_total")?,
+        value("notes_kms_data_keys_total")?,
     ))
 }
 
