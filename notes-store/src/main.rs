@@ -96,6 +96,7 @@ fn main() -> anyhow::Result<()> {
     }
     init_logging(&cfg);
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.server.worker_threads)
         .enable_all()
         .build()
         .context("tokio runtime")?;

@@ -1,5 +1,6 @@
 //! Prometheus metrics: request counts and latency by RPC and status, KMS and database health,
-//! and how many data keys each KMS `GenerateDataKeys` call carried (`kms_batch`).
+//! how many data keys each KMS `GenerateDataKeys` call carried (`kms_batch`) and the runtime's
+//! worker threads.
 //! Served on a separate localhost port by `metrics-exporter-prometheus`.
 
 use std::net::SocketAddr;
@@ -27,6 +28,12 @@ pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
 pub fn record_request(rpc: &'static str, code: tonic::Code, elapsed: Duration) {
     counter!("notes_requests_total", "rpc" => rpc, "code" => format!("{code:?}")).increment(1);
     histogram!("notes_request_duration_seconds", "rpc" => rpc).record(elapsed.as_secs_f64());
+}
+
+/// The runtime's worker threads as Tokio counts them (`server.worker_threads`), so an operator
+/// sees what the process runs with.
+pub fn record_worker_threads(workers: usize) {
+    gauge!("notes_runtime_worker_threads").set(workers as f64);
 }
 
 pub fn record_health(kms_ok: bool, store_ok: bool) {

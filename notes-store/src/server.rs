@@ -40,6 +40,9 @@ pub async fn run(
     let crl_task = tls.watch_crl(std::time::Duration::from_secs(2));
     if let Some(addr) = cfg.server.metrics_listen {
         crate::metrics::install(addr).context("starting the metrics listener")?;
+        crate::metrics::record_worker_threads(
+            tokio::runtime::Handle::current().metrics().num_workers(),
+        );
     }
     let kms = Kms::from_config(&cfg).context("KMS client")?;
     let store = store::connect(&cfg.database.url)

@@ -315,14 +315,37 @@ async fn transport_health_reflection_metrics_and_shutdown() {
         sample(&text, "notes_kms_data_keys_per_call_count", &[]),
         Some(3.0)
     );
+    // One worker thread unless configured (`server.worker_threads`), as Tokio counts them.
+    assert_eq!(
+        sample(&text, "notes_runtime_worker_threads", &[]),
+        Some(1.0)
+    );
 
-    // Graceful shutdown on SIGTERM; a second server on the same KMS stops on SIGINT.
+    // Graceful shutdown on SIGTERM; a second server on the same KMS, with three worker
+    // threads, serves and stops on SIGINT.
     let status = notes
         .signal_and_wait("TERM", Duration::from_secs(10))
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
     assert!(notes.log().contains("notes-store stopped"));
-    let mut other = NotesServer::start(&kms, NotesOptions::default())
+    let mut other = NotesServer::start(
+        &kms,
+        NotesOptions {
+            metrics: true,
+            worker_threads: Some(3),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let text = scrape(other.metrics_addr.unwrap()).await.unwrap();
+    assert_eq!(
+        sample(&text, "notes_runtime_worker_threads", &[]),
+        Some(3.0),
+        "{text}"
+    );
+    let mut c = other.client().await.unwrap();
+    c.create_note(create_request("site-m", "client-m", "2026-11-28", "three"))
         .await
         .unwrap();
     let status = other

@@ -27,6 +27,8 @@ pub struct NotesOptions {
     pub database_url: Option<String>,
     pub max_body_bytes: usize,
     pub metrics: bool,
+    /// `server.worker_threads`; `None`: the key is left out (notes-store's default).
+    pub worker_threads: Option<usize>,
     pub log_json: bool,
     /// The `[[callers]]` entries (TOML); by default "app" may act for every site.
     pub callers: String,
@@ -48,6 +50,7 @@ impl Default for NotesOptions {
             database_url: None,
             max_body_bytes: 64 * 1024,
             metrics: false,
+            worker_threads: None,
             log_json: false,
             callers: DEFAULT_CALLERS.to_string(),
             kms_client_cert: None,
@@ -96,11 +99,16 @@ impl NotesServer {
         let metrics = metrics_addr
             .map(|a| format!("metrics_listen = \"{a}\""))
             .unwrap_or_default();
+        let worker_threads = options
+            .worker_threads
+            .map(|n| format!("worker_threads = {n}"))
+            .unwrap_or_default();
         let text = format!(
             r#"
 [server]
 listen = "127.0.0.1:0"
 {metrics}
+{worker_threads}
 max_body_bytes = {max_body}
 shutdown_grace_secs = 5
 

@@ -621,6 +621,7 @@ async fn bench_notes(
         cores(),
         load_average()
     );
+    let workers = notes_store_workers(&notes).await?;
     let mut clients: Vec<NotesServiceClient<Channel>> = Vec::with_capacity(args.channels);
     for _ in 0..args.channels {
         clients.push(notes.client().await?);
@@ -656,7 +657,15 @@ async fn bench_notes(
         notes.metrics_addr,
     )
     .await?;
-    emit_notes("notes_create", db, args, &stats, &gdk, Some(&shaped));
+    emit_notes(
+        "notes_create",
+        db,
+        args,
+        workers,
+        &stats,
+        &gdk,
+        Some(&shaped),
+    );
 
     let ids: Arc<Vec<String>> = Arc::new(std::mem::take(
         &mut *ids.lock().unwrap_or_else(|e| e.into_inner()),
@@ -681,7 +690,7 @@ async fn bench_notes(
         })
     };
     let [stats, gdk] = interleaved(args, [&get, &baselines.plain], None).await?;
-    emit_notes("notes_get", db, args, &stats, &gdk, None);
+    emit_notes("notes_get", db, args, workers, &stats, &gdk, None);
     Ok(())
 }
 
@@ -721,6 +730,18 @@ async fn interleaved<const N: usize>(
         }
     }
     Ok(slices.map(Stats::combine))
+}
+
+/// The worker threads notes-store runs with (its default unless the bench configured it), as
+/// its metrics report them: the lines say what was measured.
+async fn notes_store_workers(notes: &NotesServer) -> Result<u64> {
+    let addr = notes
+        .metrics_addr
+        .ok_or_else(|| anyhow!("notes-store runs without metrics"))?;
+    let text = metrics::scrape(addr).await?;
+    metrics::sample(&text, "notes_runtime_worker_threads", &[])
+        .map(|n| n as u64)
+        .ok_or_else(|| anyhow!("notes-store's metrics have no notes_runtime_worker_threads"))
 }
 
 /// notes-store's counters of KMS data-key calls and of the data keys they carried. Both exist
@@ -779,6 +800,7 @@ fn emit_notes(
     bench: &str,
     db: &str,
     args: &Args,
+    notes_store_workers: u64,
     stats: &Stats,
     gdk: &Stats,
     shaped: Option<&Stats>,
@@ -828,6 +850,7 @@ fn emit_notes(
         ("ops", json!(stats.ok_window)),
         ("errors", json!(stats.errors)),
         ("streams", json!(args.streams)),
+        ("notes_store_worker_threads", json!(notes_store_workers)),
         ("channels", json!(args.channels)),
         ("seconds", json!(args.seconds)),
         ("body_bytes", json!(args.body_bytes)),
