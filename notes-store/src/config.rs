@@ -59,20 +59,16 @@ pub struct ServerSection {
     pub shutdown_grace_secs: u64,
     #[serde(default)]
     pub allow_non_loopback: bool,
-    /// Tokio worker threads that serve requests (see [`DEFAULT_WORKER_THREADS`]).
-    #[serde(default = "default_worker_threads")]
-    pub worker_threads: usize,
+    /// Tokio worker threads that serve requests; `None`: one per core (Tokio's default).
+    ///
+    /// A trade-off measured with everything on two cores (README, session 18): one worker
+    /// cuts notes-store's CPU per created note by a fifth (fewer hand-offs between threads, so
+    /// bigger KMS calls and database groups) and raises `notes_create` on PostgreSQL by
+    /// ~0.03, but reads, one KMS `Decrypt` each, then wait for that one thread: `notes_get`
+    /// fell by 0.03-0.05. Hence one per core by default.
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
 }
-
-/// One worker thread unless configured otherwise. notes-store only relays: per note it
-/// decrypts a TLS request, seals 2 KiB with AES-GCM and waits on the KMS and the database,
-/// about 0.1 ms of CPU, so one thread serves several thousand notes a second, more than one
-/// KMS hands out data keys for. A second worker only adds hand-offs between threads: with
-/// everything on two cores, one worker cut notes-store's CPU per note by a sixth, made the
-/// KMS calls and database groups bigger and raised `notes_create` on PostgreSQL by ~0.03
-/// (README, session 18). A host where notes-store has many cores to itself and takes many
-/// TLS handshakes at once may want more.
-pub const DEFAULT_WORKER_THREADS: usize = 1;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -160,9 +156,6 @@ fn default_max_body() -> usize {
 fn default_grace() -> u64 {
     10
 }
-fn default_worker_threads() -> usize {
-    DEFAULT_WORKER_THREADS
-}
 fn default_request_timeout() -> u64 {
     5000
 }
@@ -209,7 +202,7 @@ impl Config {
             self.server.max_body_bytes = v.parse().context("NOTES_MAX_BODY_BYTES")?;
         }
         if let Some(v) = get("NOTES_WORKER_THREADS") {
-            self.server.worker_threads = v.parse().context("NOTES_WORKER_THREADS")?;
+            self.server.worker_threads = Some(v.parse().context("NOTES_WORKER_THREADS")?);
         }
         if let Some(v) = get("NOTES_DATABASE_URL") {
             self.database.url = v;
@@ -268,7 +261,11 @@ impl Config {
         if !(1..=16 * 1024 * 1024).contains(&self.server.max_body_bytes) {
             bail!("server.max_body_bytes must be 1-16777216");
         }
-        if !(1..=256).contains(&self.server.worker_threads) {
+        if self
+            .server
+            .worker_threads
+            .is_some_and(|n| !(1..=256).contains(&n))
+        {
             bail!("server.worker_threads must be 1-256");
         }
         if self.kms.endpoints.is_empty() {
@@ -358,7 +355,7 @@ mod tests {
         assert_eq!(cfg.kms.endpoints, ["https://a:1", "https://b:2"]);
         assert_eq!(cfg.kms.kms_key, "notes/site-a");
         assert_eq!(cfg.server.max_body_bytes, 1000);
-        assert_eq!(cfg.server.worker_threads, 3);
+        assert_eq!(cfg.server.worker_threads, Some(3));
         cfg.validate().unwrap();
         cfg.server.listen = "0.0.0.0:7543".parse().unwrap();
         assert!(cfg.validate().is_err());
@@ -383,12 +380,11 @@ mod tests {
 
     #[test]
     fn worker_threads_default_and_bounds() {
-        let without = EXAMPLE.replace("worker_threads = 1\n", "");
-        assert!(!without.contains("worker_threads ="));
-        let mut cfg: Config = toml::from_str(&without).unwrap();
-        assert_eq!(cfg.server.worker_threads, DEFAULT_WORKER_THREADS);
+        let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        assert_eq!(cfg.server.worker_threads, None);
+        cfg.validate().unwrap();
         for (threads, ok) in [(0, false), (1, true), (256, true), (257, false)] {
-            cfg.server.worker_threads = threads;
+            cfg.server.worker_threads = Some(threads);
             assert_eq!(cfg.validate().is_ok(), ok, "{threads}");
         }
     }

@@ -95,11 +95,11 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(&cfg);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(cfg.server.worker_threads)
-        .enable_all()
-        .build()
-        .context("tokio runtime")?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = cfg.server.worker_threads {
+        builder.worker_threads(threads);
+    }
+    let runtime = builder.enable_all().build().context("tokio runtime")?;
     match args.command {
         None => runtime.block_on(async {
             // Signal handlers go in before anything else, so no signal is ever missed.

@@ -315,10 +315,11 @@ async fn transport_health_reflection_metrics_and_shutdown() {
         sample(&text, "notes_kms_data_keys_per_call_count", &[]),
         Some(3.0)
     );
-    // One worker thread unless configured (`server.worker_threads`), as Tokio counts them.
+    // One worker thread per core unless configured (`server.worker_threads`).
+    let cores = std::thread::available_parallelism().unwrap().get();
     assert_eq!(
         sample(&text, "notes_runtime_worker_threads", &[]),
-        Some(1.0)
+        Some(cores as f64)
     );
 
     // Graceful shutdown on SIGTERM; a second server on the same KMS, with three worker

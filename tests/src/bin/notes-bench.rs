@@ -90,6 +90,10 @@ struct Args {
         default_value = "/var/run/postgresql"
     )]
     pg_socket_dir: String,
+    /// notes-store's `server.worker_threads` (unset: notes-store's default, one per core).
+    /// Each notes line says what it ran with (`notes_store_worker_threads`).
+    #[arg(long)]
+    notes_store_worker_threads: Option<usize>,
 }
 
 fn main() -> Result<()> {
@@ -607,6 +611,7 @@ async fn bench_notes(
             database_url: database_url.clone(),
             // For the data keys per KMS call of each `notes_create` slice.
             metrics: true,
+            worker_threads: args.notes_store_worker_threads,
             ..NotesOptions::default()
         },
     )
