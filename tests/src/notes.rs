@@ -163,8 +163,9 @@ level = "info"
     async fn spawn(&mut self) -> Result<()> {
         let mut cmd = Command::new(binary("notes-store")?);
         cmd.arg("--config").arg(&self.config_path);
+        // The config file alone decides, including the runtime's threads.
         for (key, _) in std::env::vars() {
-            if key.starts_with("NOTES_") {
+            if key.starts_with("NOTES_") || key == "TOKIO_WORKER_THREADS" {
                 cmd.env_remove(key);
             }
         }
