@@ -141,6 +141,7 @@ store_tests!(
     insert_note_refuses_inconsistent_records,
     concurrent_inserts_fail_alone,
     amendments_add_revisions_without_gaps,
+    note_with_revision_in_one_query,
     stale_amendment_changes_nothing,
     amendment_of_unknown_note,
     concurrent_amendments_one_wins,
@@ -192,6 +193,18 @@ fn revision(note_id: Uuid, revision: u32) -> RevisionRecord {
     }
 }
 
+/// One stored revision, as GetNote reads it (with its note, in one query).
+async fn revision_of(
+    store: &dyn NoteStore,
+    note_id: Uuid,
+    revision: u32,
+) -> Result<Option<RevisionRecord>, StoreError> {
+    Ok(store
+        .get_note_with_revision(note_id, Some(revision))
+        .await?
+        .and_then(|(_, found)| found))
+}
+
 async fn insert(store: &dyn NoteStore, n: &NoteRecord) {
     store.insert_note(n, &revision(n.note_id, 1)).await.unwrap();
 }
@@ -210,10 +223,10 @@ async fn insert_and_read_back(db: TestDb) {
     s.insert_note(&n, &r1).await.unwrap();
     assert_eq!(s.get_note(n.note_id).await.unwrap(), Some(n.clone()));
     assert_eq!(
-        s.get_revision(n.note_id, 1).await.unwrap(),
+        revision_of(s, n.note_id, 1).await.unwrap(),
         Some(r1.clone())
     );
-    assert_eq!(s.get_revision(n.note_id, 2).await.unwrap(), None);
+    assert_eq!(revision_of(s, n.note_id, 2).await.unwrap(), None);
     assert_eq!(s.get_note(Uuid::new_v4()).await.unwrap(), None);
     assert_eq!(s.list_revisions(n.note_id).await.unwrap(), vec![r1.meta]);
     // The same note id twice is a conflict, and changes nothing.
@@ -343,7 +356,7 @@ async fn amendments_add_revisions_without_gaps(db: TestDb) {
     // Every revision stays readable, byte for byte.
     for rev in 1..=5 {
         assert_eq!(
-            s.get_revision(n.note_id, rev).await.unwrap(),
+            revision_of(s, n.note_id, rev).await.unwrap(),
             Some(revision(n.note_id, rev))
         );
     }
@@ -358,6 +371,49 @@ async fn amendments_add_revisions_without_gaps(db: TestDb) {
         s.add_revision(&revision(n.note_id, 7), 5).await,
         Err(StoreError::Internal(_))
     ));
+}
+
+/// GetNote's query: the note and one revision (the current one by default) together, each
+/// field from its own table (the note's author and creation time are not the revision's).
+async fn note_with_revision_in_one_query(db: TestDb) {
+    let s = db.store.as_ref();
+    let n = note("site-a", "client-1", "2024-03-01");
+    insert(s, &n).await;
+    for rev in 2..=3 {
+        s.add_revision(&revision(n.note_id, rev), rev - 1)
+            .await
+            .unwrap();
+    }
+    let stored = s.get_note(n.note_id).await.unwrap().unwrap();
+    assert_eq!(stored.current_revision, 3);
+    let (note_now, current) = s
+        .get_note_with_revision(n.note_id, None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(note_now, stored);
+    assert_eq!(current, Some(revision(n.note_id, 3)));
+    for rev in 1..=3 {
+        let (got_note, got) = s
+            .get_note_with_revision(n.note_id, Some(rev))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got_note, stored);
+        assert_eq!(got, Some(revision(n.note_id, rev)), "revision {rev}");
+    }
+    let (got_note, none) = s
+        .get_note_with_revision(n.note_id, Some(4))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((got_note, none), (stored, None));
+    assert_eq!(
+        s.get_note_with_revision(Uuid::new_v4(), None)
+            .await
+            .unwrap(),
+        None
+    );
 }
 
 async fn stale_amendment_changes_nothing(db: TestDb) {
@@ -375,7 +431,7 @@ async fn stale_amendment_changes_nothing(db: TestDb) {
     }
     assert_eq!(s.get_note(n.note_id).await.unwrap(), before);
     assert_eq!(
-        s.get_revision(n.note_id, 2).await.unwrap(),
+        revision_of(s, n.note_id, 2).await.unwrap(),
         Some(revision(n.note_id, 2))
     );
 }
@@ -827,7 +883,7 @@ async fn client_keys_hold_and_erasure(db: TestDb) {
     assert_eq!(e.erased_at_ms, T0 + 6);
     assert_eq!(s.count_client_notes("a", "c1").await.unwrap(), (0, 0));
     assert!(s.get_note(a1.note_id).await.unwrap().is_none());
-    assert!(s.get_revision(a1.note_id, 2).await.unwrap().is_none());
+    assert!(revision_of(s, a1.note_id, 2).await.unwrap().is_none());
     // Other clients keep their notes.
     assert!(s.get_note(b1.note_id).await.unwrap().is_some());
     assert_eq!(s.count_client_notes("a", "c2").await.unwrap(), (1, 1));
@@ -919,8 +975,7 @@ async fn rewrap_pages_and_conditional_updates(db: TestDb) {
         .collect();
     assert_eq!(s.apply_rewraps(&batch).await.unwrap(), 3);
     assert_eq!(s.apply_rewraps(&batch).await.unwrap(), 0);
-    let r = s
-        .get_revision(seen[0].note_id, seen[0].revision)
+    let r = revision_of(s, seen[0].note_id, seen[0].revision)
         .await
         .unwrap()
         .unwrap();
@@ -972,8 +1027,7 @@ async fn rewrap_pages_and_conditional_updates(db: TestDb) {
     assert_eq!(s.apply_rewraps(&big).await.unwrap(), 540);
     assert_eq!(s.apply_rewraps(&big).await.unwrap(), 0);
     for (i, r) in rows.iter().enumerate() {
-        let stored = s
-            .get_revision(r.note_id, r.revision)
+        let stored = revision_of(s, r.note_id, r.revision)
             .await
             .unwrap()
             .unwrap();

@@ -49,24 +49,24 @@ impl NotesServiceImpl {
         caller: &Caller,
     ) -> Result<pb::GetNoteResponse, NotesError> {
         let note_id = validate::note_id(&req.note_id)?;
-        let note = self.note(note_id).await?;
+        // The note and the revision in one query; the checks keep their order (the caller's
+        // site before anything about revisions).
+        let asked = (req.revision != 0).then_some(req.revision);
+        let (note, rec) = self
+            .store()
+            .get_note_with_revision(note_id, asked)
+            .await?
+            .ok_or_else(|| NotesError::NotFound(format!("note {note_id} not found")))?;
         self.authorize(caller, &note.site_id)?;
-        let wanted = if req.revision == 0 {
-            note.current_revision
-        } else {
-            req.revision
-        };
+        let wanted = asked.unwrap_or(note.current_revision);
         if wanted > note.current_revision {
             return Err(NotesError::NotFound(format!(
                 "note {note_id} has no revision {wanted} (current is {})",
                 note.current_revision
             )));
         }
-        let rec = self
-            .store()
-            .get_revision(note_id, wanted)
-            .await?
-            .ok_or_else(|| NotesError::integrity(format!("revision {wanted} is missing")))?;
+        let rec =
+            rec.ok_or_else(|| NotesError::integrity(format!("revision {wanted} is missing")))?;
         if rec.crypto_version != CRYPTO_VERSION {
             return Err(NotesError::integrity(format!(
                 "unknown crypto version {}",

@@ -143,23 +143,28 @@ impl NoteStore for SqliteStore {
         .transpose()
     }
 
-    async fn get_revision(
+    async fn get_note_with_revision(
         &self,
         note_id: Uuid,
-        revision: u32,
-    ) -> Result<Option<RevisionRecord>, StoreError> {
+        revision: Option<u32>,
+    ) -> Result<Option<(NoteRecord, Option<RevisionRecord>)>, StoreError> {
         sqlx::query(concat!(
-            "SELECT ",
-            meta_columns!(),
-            ", crypto_version, wrapped_key, body_nonce, body_ciphertext, reason_nonce, \
-             reason_ciphertext FROM note_revisions WHERE note_id = ?1 AND revision = ?2"
+            "WITH n AS (SELECT ",
+            note_columns!(),
+            " FROM notes WHERE note_id = ?1), \
+             r AS (SELECT revision, author_id AS revision_author_id, \
+                 created_at_ms AS revision_created_at_ms, kms_key_id, kms_key_version, \
+                 reason_nonce IS NOT NULL AS has_reason, crypto_version, wrapped_key, \
+                 body_nonce, body_ciphertext, reason_nonce, reason_ciphertext \
+                 FROM note_revisions WHERE note_id = ?1) \
+             SELECT n.*, r.* FROM n LEFT JOIN r ON r.revision = COALESCE(?2, n.current_revision)"
         ))
         .bind(id_text(note_id))
-        .bind(i64::from(revision))
+        .bind(revision.map(i64::from))
         .fetch_optional(&self.pool)
         .await
         .map_err(map_err)?
-        .map(|row| revision_from_row(&row))
+        .map(|row| note_and_revision_from_row(&row))
         .transpose()
     }
 
@@ -292,9 +297,34 @@ fn meta_from_row(row: &SqliteRow) -> Result<RevisionMeta, StoreError> {
     })
 }
 
-fn revision_from_row(row: &SqliteRow) -> Result<RevisionRecord, StoreError> {
+/// A row of `get_note_with_revision`: the note's columns, then its revision's (the revision's
+/// author and creation time renamed), all NULL if the note has no such revision.
+fn note_and_revision_from_row(
+    row: &SqliteRow,
+) -> Result<(NoteRecord, Option<RevisionRecord>), StoreError> {
+    let note = note_from_row(row)?;
+    let Some(revision) = row.try_get::<Option<i64>, _>("revision").map_err(map_err)? else {
+        return Ok((note, None));
+    };
+    let meta = RevisionMeta {
+        note_id: note.note_id,
+        revision: revision_from_db(revision)?,
+        author_id: row.try_get("revision_author_id").map_err(map_err)?,
+        created_at_ms: row.try_get("revision_created_at_ms").map_err(map_err)?,
+        kms_key_id: row.try_get("kms_key_id").map_err(map_err)?,
+        kms_key_version: revision_from_db(row.try_get("kms_key_version").map_err(map_err)?)?,
+        has_reason: row.try_get("has_reason").map_err(map_err)?,
+    };
+    Ok((note, Some(sealed_revision_from_row(row, meta)?)))
+}
+
+/// The sealed part of a revision's row, around its metadata.
+fn sealed_revision_from_row(
+    row: &SqliteRow,
+    meta: RevisionMeta,
+) -> Result<RevisionRecord, StoreError> {
     Ok(RevisionRecord {
-        meta: meta_from_row(row)?,
+        meta,
         crypto_version: revision_from_db(row.try_get("crypto_version").map_err(map_err)?)?,
         wrapped_key: row.try_get("wrapped_key").map_err(map_err)?,
         body: Sealed {
