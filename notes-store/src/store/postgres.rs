@@ -123,7 +123,8 @@ impl NoteStore for PostgresStore {
                  reason_nonce IS NOT NULL AS has_reason, crypto_version, wrapped_key, \
                  body_nonce, body_ciphertext, reason_nonce, reason_ciphertext \
                  FROM note_revisions WHERE note_id = $1) \
-             SELECT n.*, r.* FROM n LEFT JOIN r ON r.revision = COALESCE($2::bigint, n.current_revision)"
+             SELECT n.*, r.* FROM n \
+             LEFT JOIN r ON r.revision = COALESCE($2::bigint, n.current_revision)"
         ))
         .bind(note_id)
         .bind(revision.map(i64::from))
@@ -354,12 +355,7 @@ fn note_and_revision_from_row(
         kms_key_version: revision_from_db(row.try_get("kms_key_version").map_err(map_err)?)?,
         has_reason: row.try_get("has_reason").map_err(map_err)?,
     };
-    Ok((note, Some(sealed_revision_from_row(row, meta)?)))
-}
-
-/// The sealed part of a revision's row, around its metadata.
-fn sealed_revision_from_row(row: &PgRow, meta: RevisionMeta) -> Result<RevisionRecord, StoreError> {
-    Ok(RevisionRecord {
+    let record = RevisionRecord {
         meta,
         crypto_version: revision_from_db(row.try_get("crypto_version").map_err(map_err)?)?,
         wrapped_key: row.try_get("wrapped_key").map_err(map_err)?,
@@ -371,7 +367,8 @@ fn sealed_revision_from_row(row: &PgRow, meta: RevisionMeta) -> Result<RevisionR
             row.try_get("reason_nonce").map_err(map_err)?,
             row.try_get("reason_ciphertext").map_err(map_err)?,
         )?,
-    })
+    };
+    Ok((note, Some(record)))
 }
 
 /// sqlx error → `StoreError` (see `super::map_sqlx_err`).
