@@ -20,6 +20,9 @@ type Grpc = KeyManagementServiceClient<Channel>;
 /// Largest number of items the server accepts in one `GenerateDataKeys` call.
 pub const MAX_DATA_KEYS_PER_CALL: usize = 64;
 
+/// Largest number of items the server accepts in one `BatchDecrypt` call.
+pub const MAX_DECRYPTS_PER_CALL: usize = 64;
+
 /// Upper bound on pages followed by [`KmsClient::list_all_keys`], against a server that never
 /// stops returning tokens.
 const MAX_PAGES: usize = 10_000;
@@ -330,6 +333,65 @@ impl KmsClient {
             key_id: response.key_id,
             key_version: response.key_version,
         })
+    }
+
+    /// Up to [`MAX_DECRYPTS_PER_CALL`] decryptions in one call, item `i` opening `items[i].0`
+    /// with context `items[i].1` on behalf of `items[i].2`: one result per item, in order. An
+    /// item fails alone (its error is an [`Error::Rpc`] with the item's status); the whole call
+    /// fails only if the call itself does. Each item is authorized and audited as a `decrypt`,
+    /// with its own audit metadata.
+    pub async fn batch_decrypt(
+        &self,
+        items: &[(&[u8], &EncryptionContext, Option<&AuditMetadata>)],
+    ) -> Result<Vec<Result<Decrypted, Error>>, Error> {
+        let (response, endpoint) = self
+            .transport
+            .call_at(
+                Method::BatchDecrypt,
+                || pb::BatchDecryptRequest {
+                    items: items
+                        .iter()
+                        .map(|(blob, context, audit)| pb::DecryptRequest {
+                            ciphertext_blob: blob.to_vec(),
+                            encryption_context: to_proto_context(context),
+                            audit: audit.cloned().map(Into::into),
+                        })
+                        .collect(),
+                },
+                |channel, request| async move { Grpc::new(channel).batch_decrypt(request).await },
+            )
+            .await?;
+        if response.results.len() != items.len() {
+            return Err(Error::InvalidResponse {
+                method: "BatchDecrypt",
+                reason: format!(
+                    "{} results for {} items",
+                    response.results.len(),
+                    items.len()
+                ),
+            });
+        }
+        Ok(response
+            .results
+            .into_iter()
+            .map(|result| match result.decrypted {
+                Some(mut out) if result.code == 0 => Ok(Decrypted {
+                    // Move (not copy) the plaintext into zeroizing memory.
+                    plaintext: Zeroizing::new(mem::take(&mut out.plaintext)),
+                    key_id: out.key_id,
+                    key_version: out.key_version,
+                }),
+                None if result.code == 0 => Err(Error::InvalidResponse {
+                    method: "BatchDecrypt",
+                    reason: "an item succeeded without a plaintext".into(),
+                }),
+                _ => Err(Error::Rpc {
+                    method: "BatchDecrypt",
+                    endpoint: endpoint.clone(),
+                    status: tonic::Status::new(tonic::Code::from_i32(result.code), result.message),
+                }),
+            })
+            .collect())
     }
 
     /// Re-wraps a blob without revealing its plaintext to the caller: under

@@ -62,7 +62,7 @@ pub use audit::{
     AuditClient, AuditEventPage, AuditEventStream, AuditFilter, AuditPublicKey, ServerVerifyReport,
     AUDIT_SIGNATURE_ALGORITHM,
 };
-pub use client::{KmsClient, MAX_DATA_KEYS_PER_CALL};
+pub use client::{KmsClient, MAX_DATA_KEYS_PER_CALL, MAX_DECRYPTS_PER_CALL};
 pub use config::{
     KmsClientConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_RETRIES,
     DEFAULT_REQUEST_TIMEOUT,

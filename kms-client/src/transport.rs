@@ -65,6 +65,8 @@ pub enum Method {
     Encrypt,
     /// Stores nothing (the audit log may record the attempt twice).
     Decrypt,
+    /// As `Decrypt`, item by item.
+    BatchDecrypt,
     /// Stores nothing; as `Encrypt`.
     ReEncrypt,
     /// Read only.
@@ -115,6 +117,7 @@ impl Method {
             Method::GenerateDataKeyWithoutPlaintext => "GenerateDataKeyWithoutPlaintext",
             Method::Encrypt => "Encrypt",
             Method::Decrypt => "Decrypt",
+            Method::BatchDecrypt => "BatchDecrypt",
             Method::ReEncrypt => "ReEncrypt",
             Method::WhoAmI => "WhoAmI",
             Method::BatchReEncrypt => "BatchReEncrypt",
@@ -448,7 +451,7 @@ fn chain(err: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
 
-    const ALL: [Method; 17] = [
+    const ALL: [Method; 18] = [
         Method::CreateKey,
         Method::DescribeKey,
         Method::ListKeys,
@@ -459,6 +462,7 @@ mod tests {
         Method::GenerateDataKeyWithoutPlaintext,
         Method::Encrypt,
         Method::Decrypt,
+        Method::BatchDecrypt,
         Method::ReEncrypt,
         Method::WhoAmI,
         Method::QueryAuditEvents,

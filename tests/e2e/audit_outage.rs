@@ -79,7 +79,7 @@ fn code_of<T>(result: Result<T, Error>) -> &'static str {
     }
 }
 
-/// Calls GenerateDataKey and Decrypt in a loop until `stop`.
+/// Calls GenerateDataKey, Decrypt and their batched forms in turn until `stop`.
 async fn load(app: KmsClient, task: usize, stop: Arc<AtomicBool>) -> Vec<Answer> {
     let c = ctx(&[("client", &format!("c-{task}"))]);
     let blob = app
@@ -87,22 +87,31 @@ async fn load(app: KmsClient, task: usize, stop: Arc<AtomicBool>) -> Vec<Answer>
         .await
         .unwrap()
         .ciphertext_blob;
+    let who = AuditMetadata {
+        acting_user: "dr-lee".into(),
+        purpose: "TREATMENT".into(),
+    };
     let mut answers = Vec::new();
     let mut turn = 0;
     while !stop.load(Ordering::Relaxed) {
         let sent = Instant::now();
-        let (operation, code) = match turn % 3 {
+        let (operation, code) = match turn % 4 {
             0 => (
                 "GenerateDataKey",
                 code_of(app.generate_data_key("outage", &c).await),
             ),
-            1 => {
-                let who = AuditMetadata {
-                    acting_user: "dr-lee".into(),
-                    purpose: "TREATMENT".into(),
-                };
-                ("Decrypt", code_of(app.decrypt(&blob, &c, Some(who)).await))
-            }
+            1 => (
+                "Decrypt",
+                code_of(app.decrypt(&blob, &c, Some(who.clone())).await),
+            ),
+            2 => (
+                "BatchDecrypt",
+                items_code(
+                    app.batch_decrypt(&[(blob.as_slice(), &c, Some(&who)); BATCH_ITEMS])
+                        .await
+                        .unwrap(),
+                ),
+            ),
             _ => (
                 "GenerateDataKeys",
                 items_code(
@@ -124,10 +133,10 @@ async fn load(app: KmsClient, task: usize, stop: Arc<AtomicBool>) -> Vec<Answer>
     answers
 }
 
-/// Items per GenerateDataKeys call of `load`.
+/// Items per GenerateDataKeys and BatchDecrypt call of `load`.
 const BATCH_ITEMS: usize = 3;
 
-/// The code of a GenerateDataKeys call's items: OK if all are, else the one code they all
+/// The code of a batched call's items: OK if all are, else the one code they all
 /// share (each item is audited, so each fails closed on its own).
 fn items_code<T>(items: Vec<Result<T, Error>>) -> &'static str {
     let codes: Vec<&'static str> = items.into_iter().map(code_of).collect();
@@ -212,10 +221,12 @@ async fn unwritable_sqlite_audit_store_fails_closed_and_recovers() {
         "only {} calls in the window",
         inside.len()
     );
-    assert!(
-        inside.iter().any(|a| a.operation == "GenerateDataKeys"),
-        "no GenerateDataKeys call in the window"
-    );
+    for batched in ["GenerateDataKeys", "BatchDecrypt"] {
+        assert!(
+            inside.iter().any(|a| a.operation == batched),
+            "no {batched} call in the window"
+        );
+    }
     let codes: BTreeMap<&str, usize> = inside.iter().fold(BTreeMap::new(), |mut m, a| {
         *m.entry(a.code).or_default() += 1;
         m
@@ -247,22 +258,19 @@ async fn unwritable_sqlite_audit_store_fails_closed_and_recovers() {
     let events: Vec<&AuditEvent> = records.iter().filter_map(ExportRecord::as_event).collect();
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
-    // Every OK answer is on record (the refused ones could not be); a GenerateDataKeys call's
-    // items are GenerateDataKey events.
-    for op in ["GenerateDataKey", "Decrypt"] {
-        let ok_answers = answers
-            .iter()
-            .filter(|a| a.operation == op && a.code == "OK")
-            .count();
-        let ok_items = if op == "GenerateDataKey" {
-            BATCH_ITEMS
-                * answers
-                    .iter()
-                    .filter(|a| a.operation == "GenerateDataKeys" && a.code == "OK")
-                    .count()
-        } else {
-            0
+    // Every OK answer is on record (the refused ones could not be); a batched call's items are
+    // events of the single operation.
+    for (op, batched) in [
+        ("GenerateDataKey", "GenerateDataKeys"),
+        ("Decrypt", "BatchDecrypt"),
+    ] {
+        let ok = |operation: &str| {
+            answers
+                .iter()
+                .filter(|a| a.operation == operation && a.code == "OK")
+                .count()
         };
+        let (ok_answers, ok_items) = (ok(op), BATCH_ITEMS * ok(batched));
         let ok_events = events
             .iter()
             .filter(|e| e.operation == op && e.outcome == "OK" && e.context.contains_key("client"))

@@ -85,6 +85,7 @@ enum Rpc {
     GenerateDataKeyWithoutPlaintext,
     Encrypt,
     Decrypt,
+    BatchDecrypt,
     ReEncrypt,
     BatchReEncrypt,
     RotateKey,
@@ -116,7 +117,7 @@ fn is_audit(rpc: Rpc) -> bool {
     )
 }
 
-const RPCS: [Rpc; 27] = [
+const RPCS: [Rpc; 28] = [
     Rpc::CreateKey,
     Rpc::ListKeys,
     Rpc::DescribeKey,
@@ -127,6 +128,7 @@ const RPCS: [Rpc; 27] = [
     Rpc::GenerateDataKeyWithoutPlaintext,
     Rpc::Encrypt,
     Rpc::Decrypt,
+    Rpc::BatchDecrypt,
     Rpc::ReEncrypt,
     Rpc::BatchReEncrypt,
     Rpc::RotateKey,
@@ -303,6 +305,24 @@ async fn run(
             })
             .await
             .map(drop),
+        // One item: the call succeeds and the item carries the verdict Decrypt would give.
+        Rpc::BatchDecrypt => c
+            .kms
+            .batch_decrypt(pb::BatchDecryptRequest {
+                items: vec![pb::DecryptRequest {
+                    ciphertext_blob: t.blob(f).to_vec(),
+                    encryption_context: ctx,
+                    audit: None,
+                }],
+            })
+            .await
+            .and_then(|r| {
+                let item = r.into_inner().results.remove(0);
+                match item.code {
+                    0 => Ok(()),
+                    code => Err(tonic::Status::new(Code::from(code), item.message)),
+                }
+            }),
         Rpc::ReEncrypt => c
             .kms
             .re_encrypt(pb::ReEncryptRequest {
@@ -466,6 +486,7 @@ fn is_crypto(rpc: Rpc) -> bool {
             | Rpc::GenerateDataKeyWithoutPlaintext
             | Rpc::Encrypt
             | Rpc::Decrypt
+            | Rpc::BatchDecrypt
             | Rpc::ReEncrypt
             | Rpc::BatchReEncrypt
     )
@@ -473,7 +494,10 @@ fn is_crypto(rpc: Rpc) -> bool {
 
 /// Blob RPCs: the key comes from the blob, so a hidden key is named by id.
 fn is_blob(rpc: Rpc) -> bool {
-    matches!(rpc, Rpc::Decrypt | Rpc::ReEncrypt | Rpc::BatchReEncrypt)
+    matches!(
+        rpc,
+        Rpc::Decrypt | Rpc::BatchDecrypt | Rpc::ReEncrypt | Rpc::BatchReEncrypt
+    )
 }
 
 /// The expected code of a cell.
@@ -717,9 +741,9 @@ async fn authorization_matrix() {
         failures.len(),
         failures.join("\n")
     );
-    // 5 callers x 27 RPCs (21 key RPCs, WhoAmI, 5 audit RPCs) x 4 targets.
+    // 5 callers x 28 RPCs (22 key RPCs, WhoAmI, 5 audit RPCs) x 4 targets.
     assert_eq!(cells, 5 * RPCS.len() * TARGETS.len());
-    assert_eq!(RPCS.len(), 27);
+    assert_eq!(RPCS.len(), 28);
 
     // The role that allowed a call is in its audit event.
     let mut auditor = callers.remove(3);

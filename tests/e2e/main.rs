@@ -14,6 +14,7 @@ mod authz;
 mod bad_inputs;
 mod bench_scripts;
 mod data_keys_batch;
+mod decrypt_batch;
 mod hsm_outage;
 mod key_rotation;
 mod lifecycle;

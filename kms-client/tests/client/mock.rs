@@ -82,6 +82,15 @@ impl KeyManagementService for Svc {
             "the transport tests do not use GenerateDataKeys (tests/e2e covers it)",
         ))
     }
+    async fn batch_decrypt(
+        &self,
+        r: Request<pb::BatchDecryptRequest>,
+    ) -> Result<Response<pb::BatchDecryptResponse>, Status> {
+        self.gate(&r).await?;
+        Err(Status::unimplemented(
+            "the transport tests do not use BatchDecrypt (tests/e2e covers it)",
+        ))
+    }
     async fn batch_re_encrypt(
         &self,
         r: Request<pb::BatchReEncryptRequest>,

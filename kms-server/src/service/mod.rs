@@ -8,8 +8,8 @@
 mod batch;
 mod cache;
 mod call;
-mod datakey_batch;
 mod datakeys;
+mod item_batch;
 mod keys;
 mod lifecycle;
 pub mod validate;
@@ -34,7 +34,7 @@ use crate::store::{KeyRecord, KeyState, KeyStore, KeyVersionRecord};
 pub use batch::MAX_BATCH_ITEMS;
 use cache::KeyCache;
 pub use call::Call;
-pub use datakey_batch::MAX_DATA_KEYS_PER_CALL;
+pub use item_batch::{MAX_DATA_KEYS_PER_CALL, MAX_DECRYPTS_PER_CALL};
 pub use lifecycle::MAX_DELETION_WAITING;
 use validate::KeyRef;
 
@@ -462,6 +462,12 @@ impl KeyManagementService for KmsService {
             self.handle_decrypt(r.into_inner(), call)
         })
         .await
+    }
+    async fn batch_decrypt(
+        &self,
+        r: Request<pb::BatchDecryptRequest>,
+    ) -> Result<Response<pb::BatchDecryptResponse>, Status> {
+        self.handle_batch_decrypt(r).await
     }
     async fn who_am_i(
         &self,
