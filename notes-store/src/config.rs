@@ -125,6 +125,10 @@ pub struct KmsSection {
     /// (`crate::kms_batch`): fewer calls make bigger groups.
     #[serde(default = "default_data_key_calls")]
     pub data_key_calls_in_flight: usize,
+    /// `BatchDecrypt` calls outstanding at most (1-64). The unwraps of the reads that arrive
+    /// while every call is out go together in the next one (`crate::kms_batch`).
+    #[serde(default = "default_decrypt_calls")]
+    pub decrypt_calls_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -167,6 +171,9 @@ fn default_retries() -> u32 {
 }
 fn default_data_key_calls() -> usize {
     crate::kms_batch::DEFAULT_CALLS_IN_FLIGHT
+}
+fn default_decrypt_calls() -> usize {
+    crate::kms_batch::DEFAULT_DECRYPT_CALLS_IN_FLIGHT
 }
 fn default_log_format() -> String {
     "text".into()
@@ -283,6 +290,9 @@ impl Config {
         if !(1..=64).contains(&self.kms.data_key_calls_in_flight) {
             bail!("kms.data_key_calls_in_flight must be 1-64");
         }
+        if !(1..=64).contains(&self.kms.decrypt_calls_in_flight) {
+            bail!("kms.decrypt_calls_in_flight must be 1-64");
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             bail!("log.format must be \"text\" or \"json\"");
         }
@@ -375,6 +385,30 @@ mod tests {
         assert_eq!(
             cfg.kms.data_key_calls_in_flight,
             crate::kms_batch::DEFAULT_CALLS_IN_FLIGHT
+        );
+    }
+
+    #[test]
+    fn decrypt_calls_in_flight_is_bounded() {
+        let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        assert_eq!(
+            cfg.kms.decrypt_calls_in_flight,
+            crate::kms_batch::DEFAULT_DECRYPT_CALLS_IN_FLIGHT
+        );
+        for (calls, ok) in [(0, false), (1, true), (64, true), (65, false)] {
+            cfg.kms.decrypt_calls_in_flight = calls;
+            assert_eq!(cfg.validate().is_ok(), ok, "{calls}");
+        }
+        let line = format!(
+            "decrypt_calls_in_flight = {}\n",
+            crate::kms_batch::DEFAULT_DECRYPT_CALLS_IN_FLIGHT
+        );
+        let without = EXAMPLE.replace(&line, "");
+        assert!(!without.contains("decrypt_calls_in_flight ="));
+        let cfg: Config = toml::from_str(&without).unwrap();
+        assert_eq!(
+            cfg.kms.decrypt_calls_in_flight,
+            crate::kms_batch::DEFAULT_DECRYPT_CALLS_IN_FLIGHT
         );
     }
 

@@ -1,8 +1,8 @@
 //! notes-store's use of the KMS, through kms-client with notes-store's own client certificate:
-//! a fresh data key per revision (`GenerateDataKeys`, under the client's own key, gathered with
-//! the other writes in flight by `crate::kms_batch`) and an unwrap
-//! per read (`Decrypt`, with the reader's audit metadata). No data-key cache: every read asks
-//! the KMS. Client keys are created here (`CreateKey`, custodian role) and destroyed on
+//! a fresh data key per revision (`GenerateDataKeys`, under the client's own key) and an unwrap
+//! per read (`BatchDecrypt` items, each with its reader's audit metadata), each gathered with
+//! the other requests of its kind in flight by `crate::kms_batch`. No data-key cache: every
+//! read asks the KMS. Client keys are created here (`CreateKey`, custodian role) and destroyed on
 //! erasure (`EraseKey`); `crate::client_keys` decides when.
 //!
 //! The client connects lazily and reconnects by itself, so a KMS that was down serves again as
@@ -18,7 +18,7 @@ use kms_client::{
 use crate::config::Config;
 use crate::crypto::{RevisionIds, DATA_KEY_LEN};
 use crate::error::{KmsCall, NotesError};
-use crate::kms_batch::DataKeyBatcher;
+use crate::kms_batch::{self, DataKeyBatcher, DataKeyWanted, UnwrapBatcher, UnwrapWanted};
 
 /// A plaintext data key (zeroized on drop) and its wrapped form.
 pub struct DataKey {
@@ -33,6 +33,7 @@ pub struct DataKey {
 pub struct Kms {
     client: KmsClient,
     data_keys: DataKeyBatcher,
+    unwraps: UnwrapBatcher,
     key: String,
 }
 
@@ -48,7 +49,8 @@ impl Kms {
         client_cfg.max_retries = k.max_retries;
         let client = KmsClient::new(&client_cfg)?;
         Ok(Kms {
-            data_keys: DataKeyBatcher::start(client.clone(), k.data_key_calls_in_flight),
+            data_keys: kms_batch::data_keys(client.clone(), k.data_key_calls_in_flight),
+            unwraps: kms_batch::unwraps(client.clone(), k.decrypt_calls_in_flight),
             client,
             key: k.kms_key.clone(),
         })
@@ -58,7 +60,13 @@ impl Kms {
     /// to the revision's ids. Asked for together with the other writes in flight
     /// (`crate::kms_batch`).
     pub async fn data_key(&self, key: &str, ids: &RevisionIds<'_>) -> Result<DataKey, NotesError> {
-        let dk = self.data_keys.data_key(key, ids.kms_context()).await?;
+        let dk = self
+            .data_keys
+            .ask(DataKeyWanted {
+                key: key.to_string(),
+                context: ids.kms_context(),
+            })
+            .await?;
         if dk.plaintext.len() != DATA_KEY_LEN {
             return Err(NotesError::Internal(format!(
                 "the KMS returned a data key of {} bytes",
@@ -75,6 +83,7 @@ impl Kms {
 
     /// Unwraps a revision's data key. The KMS refuses a blob that was not made for exactly
     /// these ids (→ `Integrity`); a blob from another key than the record says is refused here.
+    /// Asked for together with the other reads in flight (`crate::kms_batch`).
     pub async fn unwrap(
         &self,
         wrapped: &[u8],
@@ -83,10 +92,13 @@ impl Kms {
         audit: AuditMetadata,
     ) -> Result<Zeroizing<Vec<u8>>, NotesError> {
         let out = self
-            .client
-            .decrypt(wrapped, &ids.kms_context(), Some(audit))
-            .await
-            .map_err(|e| NotesError::from_kms(KmsCall::Decrypt, e))?;
+            .unwraps
+            .ask(UnwrapWanted {
+                blob: wrapped.to_vec(),
+                context: ids.kms_context(),
+                audit,
+            })
+            .await?;
         if out.key_id != expected_key_id {
             return Err(NotesError::integrity(format!(
                 "wrapped key is under KMS key {}, the record says {expected_key_id}",

@@ -1,6 +1,6 @@
 //! Prometheus metrics: request counts and latency by RPC and status, KMS and database health,
-//! how many data keys each KMS `GenerateDataKeys` call carried (`kms_batch`) and the runtime's
-//! worker threads.
+//! how many data keys each KMS `GenerateDataKeys` call carried and how many unwraps each
+//! `BatchDecrypt` call carried (`kms_batch`), and the runtime's worker threads.
 //! Served on a separate localhost port by `metrics-exporter-prometheus`.
 
 use std::net::SocketAddr;
@@ -19,6 +19,10 @@ pub fn install(listen: SocketAddr) -> anyhow::Result<()> {
         )?
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full("notes_kms_data_keys_per_call".into()),
+            &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+        )?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("notes_kms_unwraps_per_call".into()),
             &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
         )?
         .install()?;
@@ -48,4 +52,12 @@ pub fn record_data_key_call(data_keys: usize) {
     counter!("notes_kms_data_key_calls_total").increment(1);
     counter!("notes_kms_data_keys_total").increment(data_keys as u64);
     histogram!("notes_kms_data_keys_per_call").record(data_keys as f64);
+}
+
+/// One `BatchDecrypt` call to the KMS with `unwraps` items (one per read), answered or not;
+/// `notes-bench` reads the two counters around each `notes_get` slice.
+pub fn record_unwrap_call(unwraps: usize) {
+    counter!("notes_kms_unwrap_calls_total").increment(1);
+    counter!("notes_kms_unwraps_total").increment(unwraps as u64);
+    histogram!("notes_kms_unwraps_per_call").record(unwraps as f64);
 }

@@ -103,9 +103,11 @@ async fn concurrent_amendments_postgres() {
 
 /// Concurrent CreateNote calls share KMS calls (notes-store gathers their data-key requests
 /// into GenerateDataKeys), yet every note's data key is its own: one OK GenerateDataKey audit
-/// event per note, carrying that note's ids, and every note reads back.
+/// event per note, carrying that note's ids. Concurrent GetNote calls share KMS calls too
+/// (BatchDecrypt), yet every read is its own OK Decrypt event with that note's ids and that
+/// read's acting user and purpose, and every note reads back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_creates_share_kms_calls_and_each_data_key_is_audited() {
+async fn concurrent_creates_and_reads_share_kms_calls_and_each_item_is_audited() {
     const NOTES: usize = 48;
     let kms = KmsServer::start(ServerOptions::default()).await.unwrap();
     let notes = NotesServer::start(&kms, NotesOptions::default())
@@ -145,7 +147,7 @@ async fn concurrent_creates_share_kms_calls_and_each_data_key_is_audited() {
         .unwrap()
         .events;
     let mut largest_call = 0;
-    for (id, client, body) in &created {
+    for (id, client, _) in &created {
         let mine: Vec<_> = events
             .iter()
             .filter(|e| e.context.get("note") == Some(id))
@@ -166,16 +168,76 @@ async fn concurrent_creates_share_kms_calls_and_each_data_key_is_audited() {
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("detail {:?}", event.detail));
         largest_call = largest_call.max(n);
-        let got = c
-            .clone()
-            .get_note(get_request(id, 0))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(&got.body, body);
     }
     assert!(
         largest_call > 1,
         "{NOTES} concurrent notes, yet every data key had a KMS call of its own"
+    );
+
+    let purposes = [
+        (pb::PurposeOfUse::Treatment, "TREATMENT"),
+        (pb::PurposeOfUse::Supervision, "SUPERVISION"),
+        (pb::PurposeOfUse::Legal, "LEGAL"),
+    ];
+    let reads: Vec<_> = created
+        .iter()
+        .enumerate()
+        .map(|(i, (id, _, body))| {
+            let (mut c, id, body) = (c.clone(), id.clone(), body.clone());
+            tokio::spawn(async move {
+                let request = pb::GetNoteRequest {
+                    acting_user: format!("reader-{i}"),
+                    purpose: purposes[i % 3].0 as i32,
+                    ..get_request(&id, 0)
+                };
+                let got = c.get_note(request).await.unwrap().into_inner();
+                assert_eq!(got.body, body);
+            })
+        })
+        .collect();
+    for r in reads {
+        r.await.unwrap();
+    }
+    let filter = kms_client::AuditFilter {
+        operation: Some("Decrypt".into()),
+        outcome: Some("OK".into()),
+        ..Default::default()
+    };
+    let events = auditor
+        .query_audit_events(&filter, 1000, None)
+        .await
+        .unwrap()
+        .events;
+    assert_eq!(events.len(), NOTES, "one Decrypt per read");
+    let mut largest_call = 0;
+    for (i, (id, client, _)) in created.iter().enumerate() {
+        let mine: Vec<_> = events
+            .iter()
+            .filter(|e| e.context.get("note") == Some(id))
+            .collect();
+        assert_eq!(mine.len(), 1, "note {id}: {} Decrypt events", mine.len());
+        let event = mine[0];
+        assert_eq!(event.context.get("client"), Some(client));
+        assert_eq!(
+            (event.acting_user.as_str(), event.purpose.as_str()),
+            (format!("reader-{i}").as_str(), purposes[i % 3].1)
+        );
+        // "item i of n of BatchDecrypt call ..."
+        assert!(
+            event.detail.contains("of BatchDecrypt call"),
+            "{}",
+            event.detail
+        );
+        let n: usize = event
+            .detail
+            .split(" of ")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("detail {:?}", event.detail));
+        largest_call = largest_call.max(n);
+    }
+    assert!(
+        largest_call > 1,
+        "{NOTES} concurrent reads, yet every unwrap had a KMS call of its own"
     );
 }

@@ -282,7 +282,7 @@ async fn transport_health_reflection_metrics_and_shutdown() {
     let refused: anyhow::Result<_> = anonymous.await;
     assert!(refused.is_err(), "a caller without certificate was served");
 
-    // Metrics count requests by RPC and code, and the data keys of each KMS call.
+    // Metrics count requests by RPC and code, and the data keys and unwraps of each KMS call.
     let mut c = notes.client().await.unwrap();
     let err = c.get_note(get_request("nope", 0)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -292,15 +292,22 @@ async fn transport_health_reflection_metrics_and_shutdown() {
         text.contains("notes_requests_total{rpc=\"GetNote\",code=\"InvalidArgument\"}"),
         "{text}"
     );
+    let mut written = Vec::new();
     for _ in 0..3 {
-        c.create_note(create_request(
-            "site-m",
-            "client-m",
-            "2026-11-28",
-            "metrics",
-        ))
-        .await
-        .unwrap();
+        let created = c
+            .create_note(create_request(
+                "site-m",
+                "client-m",
+                "2026-11-28",
+                "metrics",
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        written.push(created.note_id);
+    }
+    for id in &written[..2] {
+        c.get_note(get_request(id, 0)).await.unwrap();
     }
     let text = scrape(addr).await.unwrap();
     // One at a time: three calls of one data key each (a client's first note also creates its
@@ -315,6 +322,15 @@ async fn transport_health_reflection_metrics_and_shutdown() {
         sample(&text, "notes_kms_data_keys_per_call_count", &[]),
         Some(3.0)
     );
+    // ...and two reads, one at a time: two BatchDecrypt calls of one unwrap each (the refused
+    // read above never reached the KMS).
+    for (name, want) in [
+        ("notes_kms_unwrap_calls_total", 2.0),
+        ("notes_kms_unwraps_total", 2.0),
+        ("notes_kms_unwraps_per_call_count", 2.0),
+    ] {
+        assert_eq!(sample(&text, name, &[]), Some(want), "{name}\n{text}");
+    }
     // One worker thread per core unless configured (`server.worker_threads`).
     let cores = std::thread::available_parallelism().unwrap().get();
     assert_eq!(

@@ -152,9 +152,9 @@ struct Stats {
     cpu: Option<CpuUse>,
     /// Calls per second of each slice, for a measurement combined from slices.
     slice_rates: Vec<f64>,
-    /// notes-store's KMS `GenerateDataKeys` calls and the data keys they carried, per slice
-    /// (its warm-up included), where measured.
-    slice_data_key_calls: Vec<(f64, f64)>,
+    /// notes-store's batched KMS calls (`GenerateDataKeys` for writes, `BatchDecrypt` for
+    /// reads) and the items they carried, per slice (its warm-up included), where measured.
+    slice_kms_calls: Vec<(f64, f64)>,
 }
 
 impl Stats {
@@ -169,12 +169,12 @@ impl Stats {
             window_ms: (i64::MAX, i64::MIN),
             cpu: None,
             slice_rates: Vec::new(),
-            slice_data_key_calls: Vec::new(),
+            slice_kms_calls: Vec::new(),
         };
         let mut cpu_parts = Vec::new();
         for slice in slices {
             all.slice_rates.push(round(slice.ops_per_s(), 1));
-            all.slice_data_key_calls.extend(slice.slice_data_key_calls);
+            all.slice_kms_calls.extend(slice.slice_kms_calls);
             all.ok_total += slice.ok_total;
             all.ok_window += slice.ok_window;
             all.errors += slice.errors;
@@ -191,9 +191,9 @@ impl Stats {
         all
     }
 
-    /// Data keys per KMS call of each slice, and over all of them; `None` if not measured.
-    fn data_keys_per_call(&self) -> Option<(Vec<f64>, f64)> {
-        if self.slice_data_key_calls.is_empty() {
+    /// Items per KMS call of each slice, and over all of them; `None` if not measured.
+    fn items_per_kms_call(&self) -> Option<(Vec<f64>, f64)> {
+        if self.slice_kms_calls.is_empty() {
             return None;
         }
         let per = |(calls, keys): (f64, f64)| {
@@ -203,9 +203,9 @@ impl Stats {
                 0.0
             }
         };
-        let slices = self.slice_data_key_calls.iter().copied().map(per).collect();
+        let slices = self.slice_kms_calls.iter().copied().map(per).collect();
         let total = self
-            .slice_data_key_calls
+            .slice_kms_calls
             .iter()
             .fold((0.0, 0.0), |(c, k), (dc, dk)| (c + dc, k + dk));
         Some((slices, per(total)))
@@ -295,7 +295,7 @@ async fn load(streams: usize, warmup: Duration, seconds: Duration, call: Call) -
         ),
         cpu: None,
         slice_rates: Vec::new(),
-        slice_data_key_calls: Vec::new(),
+        slice_kms_calls: Vec::new(),
     };
     for task in tasks {
         let (ok_total, ok_window, errors, latencies) = task.await?;
@@ -659,7 +659,9 @@ async fn bench_notes(
     let [stats, gdk, shaped] = interleaved(
         args,
         [&create, &baselines.plain, &baselines.notes_shaped],
-        notes.metrics_addr,
+        notes
+            .metrics_addr
+            .map(|addr| KmsCallProbe::DATA_KEYS.at(addr)),
     )
     .await?;
     emit_notes(
@@ -667,7 +669,7 @@ async fn bench_notes(
         db,
         args,
         workers,
-        &stats,
+        (&stats, KmsCallProbe::DATA_KEYS),
         &gdk,
         Some(&shaped),
     );
@@ -694,8 +696,25 @@ async fn bench_notes(
             })
         })
     };
-    let [stats, gdk] = interleaved(args, [&get, &baselines.plain], None).await?;
-    emit_notes("notes_get", db, args, workers, &stats, &gdk, None);
+    // One read first, so that notes-store's unwrap counters exist before the first slice.
+    get(0, 0).await?;
+    let [stats, gdk] = interleaved(
+        args,
+        [&get, &baselines.plain],
+        notes
+            .metrics_addr
+            .map(|addr| KmsCallProbe::UNWRAPS.at(addr)),
+    )
+    .await?;
+    emit_notes(
+        "notes_get",
+        db,
+        args,
+        workers,
+        (&stats, KmsCallProbe::UNWRAPS),
+        &gdk,
+        None,
+    );
     Ok(())
 }
 
@@ -703,12 +722,12 @@ async fn bench_notes(
 /// all, in `--rounds` slices interleaved round by round; returns one combined measurement per
 /// call, in order. The order within a round reverses every other round (A B C, C B A, ...),
 /// so with an even number of rounds every series' slices are centred on the same instant.
-/// With `data_key_metrics` (notes-store's metrics endpoint), each slice of the subject also
-/// records notes-store's KMS data-key calls and the data keys they carried.
+/// With `probe` (notes-store's metrics endpoint and counters), each slice of the subject also
+/// records notes-store's batched KMS calls and the items they carried.
 async fn interleaved<const N: usize>(
     args: &Args,
     calls: [&Call; N],
-    data_key_metrics: Option<SocketAddr>,
+    probe: Option<(SocketAddr, KmsCallProbe)>,
 ) -> Result<[Stats; N]> {
     let slice = Duration::from_secs(args.seconds) / args.rounds;
     let warmup = Duration::from_millis(args.slice_warmup_ms);
@@ -719,17 +738,17 @@ async fn interleaved<const N: usize>(
             order.reverse();
         }
         for i in order {
-            let probe = data_key_metrics.filter(|_| i == 0);
+            let probe = probe.filter(|_| i == 0);
             let before = match probe {
-                Some(addr) => Some(data_key_counters(addr).await?),
+                Some((addr, counters)) => Some(counters.read(addr).await?),
                 None => None,
             };
             let mut stats = load(args.streams, warmup, slice, calls[i].clone()).await?;
-            if let (Some(addr), Some((calls_before, keys_before))) = (probe, before) {
-                let (calls_after, keys_after) = data_key_counters(addr).await?;
+            if let (Some((addr, counters)), Some((calls_before, items_before))) = (probe, before) {
+                let (calls_after, items_after) = counters.read(addr).await?;
                 stats
-                    .slice_data_key_calls
-                    .push((calls_after - calls_before, keys_after - keys_before));
+                    .slice_kms_calls
+                    .push((calls_after - calls_before, items_after - items_before));
             }
             slices[i].push(stats);
         }
@@ -749,19 +768,46 @@ async fn notes_store_workers(notes: &NotesServer) -> Result<u64> {
         .ok_or_else(|| anyhow!("notes-store's metrics have no notes_runtime_worker_threads"))
 }
 
-/// notes-store's counters of KMS data-key calls and of the data keys they carried. Both exist
-/// once the first notes are written (`first_notes`); a missing one is an error, not a zero that
-/// would be reported as a measurement.
-async fn data_key_counters(addr: SocketAddr) -> Result<(f64, f64)> {
-    let text = metrics::scrape(addr).await?;
-    let value = |name| {
-        metrics::sample(&text, name, &[])
-            .ok_or_else(|| anyhow!("notes-store's metrics have no {name}"))
+/// A pair of notes-store's counters: its batched KMS calls of one kind and the items they
+/// carried, and the field of the JSON line that reports items per call.
+#[derive(Clone, Copy)]
+struct KmsCallProbe {
+    calls: &'static str,
+    items: &'static str,
+    field: &'static str,
+    slices_field: &'static str,
+}
+
+impl KmsCallProbe {
+    /// `GenerateDataKeys` calls (writes).
+    const DATA_KEYS: KmsCallProbe = KmsCallProbe {
+        calls: "notes_kms_data_key_calls_total",
+        items: "notes_kms_data_keys_total",
+        field: "data_keys_per_kms_call",
+        slices_field: "slices_data_keys_per_kms_call",
     };
-    Ok((
-        value("notes_kms_data_key_calls_total")?,
-        value("notes_kms_data_keys_total")?,
-    ))
+    /// `BatchDecrypt` calls (reads).
+    const UNWRAPS: KmsCallProbe = KmsCallProbe {
+        calls: "notes_kms_unwrap_calls_total",
+        items: "notes_kms_unwraps_total",
+        field: "unwraps_per_kms_call",
+        slices_field: "slices_unwraps_per_kms_call",
+    };
+
+    fn at(self, addr: SocketAddr) -> (SocketAddr, KmsCallProbe) {
+        (addr, self)
+    }
+
+    /// Both counters. They exist once the first notes are written (`first_notes`) or read;
+    /// a missing one is an error, not a zero that would be reported as a measurement.
+    async fn read(self, addr: SocketAddr) -> Result<(f64, f64)> {
+        let text = metrics::scrape(addr).await?;
+        let value = |name| {
+            metrics::sample(&text, name, &[])
+                .ok_or_else(|| anyhow!("notes-store's metrics have no {name}"))
+        };
+        Ok((value(self.calls)?, value(self.items)?))
+    }
 }
 
 /// Each stream writes the first note of each of its clients, one after the other, so the
@@ -800,13 +846,13 @@ async fn first_notes(args: &Args, db: &str, create: &Call) -> Result<()> {
 
 /// `gdk`: GenerateDataKey measured in slices interleaved with `stats`' (see [`interleaved`]);
 /// the ratio is against its rate over all its slices. `shaped`: the same for the
-/// notes-shaped calls, if measured.
+/// notes-shaped calls, if measured. `probe` names the items per KMS call, if measured.
 fn emit_notes(
     bench: &str,
     db: &str,
     args: &Args,
     notes_store_workers: u64,
-    stats: &Stats,
+    (stats, probe): (&Stats, KmsCallProbe),
     gdk: &Stats,
     shaped: Option<&Stats>,
 ) {
@@ -835,10 +881,10 @@ fn emit_notes(
         ("kms_gdk_p50_ms", json!(round(gdk.percentile_ms(0.50), 3))),
         ("kms_gdk_cpu_us_per_op", cpu_per_op(gdk)),
     ];
-    if let Some((slices, all)) = stats.data_keys_per_call() {
+    if let Some((slices, all)) = stats.items_per_kms_call() {
         fields.extend([
-            ("data_keys_per_kms_call", json!(all)),
-            ("slices_data_keys_per_kms_call", json!(slices)),
+            (probe.field, json!(all)),
+            (probe.slices_field, json!(slices)),
         ]);
     }
     if let Some(shaped) = shaped {
