@@ -218,38 +218,25 @@ impl KmsClient {
                     },
                 )
                 .await?;
-        if response.results.len() != items.len() {
-            return Err(Error::InvalidResponse {
-                method: "GenerateDataKeys",
-                reason: format!(
-                    "{} results for {} items",
-                    response.results.len(),
-                    items.len()
-                ),
-            });
-        }
-        Ok(response
+        let results = response
             .results
             .into_iter()
-            .map(|result| match result.data_key {
-                Some(mut dk) if result.code == 0 => Ok(DataKey {
+            .map(|r| (r.code, r.message, r.data_key));
+        item_results(
+            "GenerateDataKeys",
+            &endpoint,
+            items.len(),
+            results,
+            |mut dk| {
+                DataKey {
                     // Move (not copy) the plaintext into zeroizing memory.
                     plaintext: Zeroizing::new(mem::take(&mut dk.plaintext)),
                     ciphertext_blob: dk.ciphertext_blob,
                     key_id: dk.key_id,
                     key_version: dk.key_version,
-                }),
-                None if result.code == 0 => Err(Error::InvalidResponse {
-                    method: "GenerateDataKeys",
-                    reason: "an item succeeded without a data key".into(),
-                }),
-                _ => Err(Error::Rpc {
-                    method: "GenerateDataKeys",
-                    endpoint: endpoint.clone(),
-                    status: tonic::Status::new(tonic::Code::from_i32(result.code), result.message),
-                }),
-            })
-            .collect())
+                }
+            },
+        )
     }
 
     /// A fresh data key, wrapped only (for a component that will decrypt it later).
@@ -361,37 +348,24 @@ impl KmsClient {
                 |channel, request| async move { Grpc::new(channel).batch_decrypt(request).await },
             )
             .await?;
-        if response.results.len() != items.len() {
-            return Err(Error::InvalidResponse {
-                method: "BatchDecrypt",
-                reason: format!(
-                    "{} results for {} items",
-                    response.results.len(),
-                    items.len()
-                ),
-            });
-        }
-        Ok(response
+        let results = response
             .results
             .into_iter()
-            .map(|result| match result.decrypted {
-                Some(mut out) if result.code == 0 => Ok(Decrypted {
+            .map(|r| (r.code, r.message, r.decrypted));
+        item_results(
+            "BatchDecrypt",
+            &endpoint,
+            items.len(),
+            results,
+            |mut out| {
+                Decrypted {
                     // Move (not copy) the plaintext into zeroizing memory.
                     plaintext: Zeroizing::new(mem::take(&mut out.plaintext)),
                     key_id: out.key_id,
                     key_version: out.key_version,
-                }),
-                None if result.code == 0 => Err(Error::InvalidResponse {
-                    method: "BatchDecrypt",
-                    reason: "an item succeeded without a plaintext".into(),
-                }),
-                _ => Err(Error::Rpc {
-                    method: "BatchDecrypt",
-                    endpoint: endpoint.clone(),
-                    status: tonic::Status::new(tonic::Code::from_i32(result.code), result.message),
-                }),
-            })
-            .collect())
+                }
+            },
+        )
     }
 
     /// Re-wraps a blob without revealing its plaintext to the caller: under
@@ -447,5 +421,87 @@ impl KmsClient {
             roles: r.roles,
             permissions: r.permissions,
         })
+    }
+}
+
+/// The results of a call of several items (`(code, message, answer)` each, in item order) as
+/// one result per item: the answer, converted, or the item's own status as an [`Error::Rpc`].
+/// A count other than `expected`, or an OK item without its answer, breaks the contract.
+fn item_results<A, T>(
+    method: &'static str,
+    endpoint: &str,
+    expected: usize,
+    results: impl ExactSizeIterator<Item = (i32, String, Option<A>)>,
+    convert: impl Fn(A) -> T,
+) -> Result<Vec<Result<T, Error>>, Error> {
+    if results.len() != expected {
+        return Err(Error::InvalidResponse {
+            method,
+            reason: format!("{} results for {expected} items", results.len()),
+        });
+    }
+    Ok(results
+        .map(|(code, message, answer)| match answer {
+            Some(answer) if code == 0 => Ok(convert(answer)),
+            None if code == 0 => Err(Error::InvalidResponse {
+                method,
+                reason: "an item succeeded without its answer".into(),
+            }),
+            _ => Err(Error::Rpc {
+                method,
+                endpoint: endpoint.to_string(),
+                status: tonic::Status::new(tonic::Code::from_i32(code), message),
+            }),
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn item_results_keep_order_and_each_items_status() {
+        let results = vec![
+            (0, String::new(), Some(1)),
+            (5, "key \"k\" not found".to_string(), None),
+            (0, String::new(), None),
+        ];
+        let out = item_results(
+            "BatchDecrypt",
+            "https://kms:1",
+            3,
+            results.into_iter(),
+            |n| n * 10,
+        )
+        .unwrap();
+        assert_eq!(out[0].as_ref().unwrap(), &10);
+        match &out[1] {
+            Err(Error::Rpc {
+                method,
+                endpoint,
+                status,
+            }) => {
+                assert_eq!(
+                    (*method, endpoint.as_str()),
+                    ("BatchDecrypt", "https://kms:1")
+                );
+                assert_eq!(status.code(), tonic::Code::NotFound);
+                assert_eq!(status.message(), "key \"k\" not found");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(out[2], Err(Error::InvalidResponse { .. })));
+    }
+
+    #[test]
+    fn item_results_refuse_a_wrong_count() {
+        let results = vec![(0, String::new(), Some(1))];
+        let err =
+            item_results("GenerateDataKeys", "e", 2, results.into_iter(), |n: i32| n).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidResponse { ref reason, .. } if reason == "1 results for 2 items"),
+            "{err}"
+        );
     }
 }

@@ -160,14 +160,7 @@ async fn concurrent_creates_and_reads_share_kms_calls_and_each_item_is_audited()
             Some("site-a")
         );
         assert_eq!(event.context.get("revision").map(String::as_str), Some("1"));
-        // "item i of n of GenerateDataKeys call ..."
-        let n: usize = event
-            .detail
-            .split(" of ")
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("detail {:?}", event.detail));
-        largest_call = largest_call.max(n);
+        largest_call = largest_call.max(call_size(&event.detail, "GenerateDataKeys"));
     }
     assert!(
         largest_call > 1,
@@ -222,22 +215,21 @@ async fn concurrent_creates_and_reads_share_kms_calls_and_each_item_is_audited()
             (event.acting_user.as_str(), event.purpose.as_str()),
             (format!("reader-{i}").as_str(), purposes[i % 3].1)
         );
-        // "item i of n of BatchDecrypt call ..."
-        assert!(
-            event.detail.contains("of BatchDecrypt call"),
-            "{}",
-            event.detail
-        );
-        let n: usize = event
-            .detail
-            .split(" of ")
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("detail {:?}", event.detail));
-        largest_call = largest_call.max(n);
+        largest_call = largest_call.max(call_size(&event.detail, "BatchDecrypt"));
     }
     assert!(
         largest_call > 1,
         "{NOTES} concurrent reads, yet every unwrap had a KMS call of its own"
     );
+}
+
+/// The number of items in the `call` an item's audit event came from: its detail reads
+/// "item i of n of <call> call <request id>".
+fn call_size(detail: &str, call: &str) -> usize {
+    assert!(detail.contains(&format!(" of {call} call ")), "{detail}");
+    detail
+        .split(" of ")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("detail {detail:?}"))
 }
