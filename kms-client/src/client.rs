@@ -447,11 +447,16 @@ fn item_results<A, T>(
                 method,
                 reason: "an item succeeded without its answer".into(),
             }),
-            _ => Err(Error::Rpc {
-                method,
-                endpoint: endpoint.to_string(),
-                status: tonic::Status::new(tonic::Code::from_i32(code), message),
-            }),
+            _ => {
+                // A refused item should carry no answer; if one came anyway, it goes through
+                // `convert` (which moves a plaintext into zeroizing memory) and is dropped.
+                drop(answer.map(&convert));
+                Err(Error::Rpc {
+                    method,
+                    endpoint: endpoint.to_string(),
+                    status: tonic::Status::new(tonic::Code::from_i32(code), message),
+                })
+            }
         })
         .collect())
 }
@@ -464,7 +469,7 @@ mod tests {
     fn item_results_keep_order_and_each_items_status() {
         let results = vec![
             (0, String::new(), Some(1)),
-            (5, "key \"k\" not found".to_string(), None),
+            (5, "key \"k\" not found".to_string(), Some(2)),
             (0, String::new(), None),
         ];
         let out = item_results(

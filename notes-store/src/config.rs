@@ -61,11 +61,11 @@ pub struct ServerSection {
     pub allow_non_loopback: bool,
     /// Tokio worker threads that serve requests; `None`: one per core (Tokio's default).
     ///
-    /// A trade-off measured with everything on two cores (README, session 18): one worker
-    /// cuts notes-store's CPU per created note by a fifth (fewer hand-offs between threads, so
-    /// bigger KMS calls and database groups) and raises `notes_create` on PostgreSQL by
-    /// ~0.03, but reads, one KMS `Decrypt` each, then wait for that one thread: `notes_get`
-    /// fell by 0.03-0.05. Hence one per core by default.
+    /// Measured with everything on two cores: one worker cut notes-store's CPU per created note
+    /// by a fifth and raised `notes_create` on PostgreSQL by ~0.03, but cost reads 0.03-0.05
+    /// while each read was a KMS call of its own (README, session 18); with reads sharing
+    /// `BatchDecrypt` calls it costs reads little and gave creations no clear gain either
+    /// (session 19). Hence one per core by default.
     #[serde(default)]
     pub worker_threads: Option<usize>,
 }
