@@ -154,26 +154,38 @@ impl KmsService {
             request_id: rid.clone(),
             identity,
         };
-        let mut shares = shares(req.into_inner(), tasks_for(count)).into_iter();
+        // Each item's call (which its handler fills with the key and context it resolved) is
+        // made here, so an item whose task failed is still audited with what it had noted.
+        let mut shares = shares(req.into_inner(), tasks_for(count)).into_iter().map(
+            |items| -> Vec<(usize, Call, Item)> {
+                items
+                    .into_iter()
+                    .map(|(index, item)| (index, share.call_for(index), item))
+                    .collect()
+            },
+        );
         let own = shares.next().unwrap_or_default();
         let others: Vec<_> = shares
             .map(|items| {
-                let indexes: Vec<usize> = items.iter().map(|(index, _)| *index).collect();
+                let calls: Vec<(usize, Call)> = items
+                    .iter()
+                    .map(|(index, call, _)| (*index, call.clone()))
+                    .collect();
                 let work = run_share(self.clone(), share.clone(), items, handle.clone());
-                (indexes, tokio::spawn(work.instrument(span.clone())))
+                (calls, tokio::spawn(work.instrument(span.clone())))
             })
             .collect();
         let mut done = run_share(self.clone(), share.clone(), own, handle)
             .instrument(span.clone())
             .await;
-        for (indexes, task) in others {
+        for (calls, task) in others {
             let started = Instant::now();
             match task.await {
                 Ok(share_done) => done.extend(share_done),
                 // A handler that panicked: its items fail (and are audited) without an answer.
-                Err(e) => done.extend(indexes.into_iter().map(|index| {
+                Err(e) => done.extend(calls.into_iter().map(|(index, call)| {
                     let outcome = Err(KmsError::Internal(format!("item task failed: {e}")));
-                    let event = share.event(index, started, &outcome);
+                    let event = share.event(call, index, started, &outcome);
                     ItemDone {
                         started,
                         outcome,
@@ -264,14 +276,16 @@ impl Share {
         )
     }
 
-    /// The audit event of item `index`, with its position in the call in the detail.
+    /// The audit event of item `index`, from the `call` its handler ran with (which holds the
+    /// key and context the handler resolved), with its position in the call in the detail.
     fn event<Out>(
         &self,
+        call: Call,
         index: usize,
         started: Instant,
         outcome: &Result<Out, KmsError>,
     ) -> kms_audit::EventFields {
-        let mut event = event_fields(self.call_for(index), self.item, started, outcome);
+        let mut event = event_fields(call, self.item, started, outcome);
         // Where the item came from, before the error message if it failed.
         let position = format!(
             "item {} of {} of {} call {}",
@@ -303,7 +317,7 @@ struct ItemDone<Out> {
 async fn run_share<Item, Out, H, Fut>(
     service: KmsService,
     share: Share,
-    items: Vec<(usize, Item)>,
+    items: Vec<(usize, Call, Item)>,
     handle: H,
 ) -> Vec<ItemDone<Out>>
 where
@@ -311,10 +325,10 @@ where
     Fut: Future<Output = Result<Out, KmsError>>,
 {
     let mut done = Vec::with_capacity(items.len());
-    for (index, item) in items {
+    for (index, call, item) in items {
         let started = Instant::now();
-        let outcome = handle(service.clone(), item, share.call_for(index)).await;
-        let event = share.event(index, started, &outcome);
+        let outcome = handle(service.clone(), item, call.clone()).await;
+        let event = share.event(call, index, started, &outcome);
         done.push(ItemDone {
             started,
             outcome,
