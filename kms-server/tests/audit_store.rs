@@ -459,8 +459,8 @@ async fn context_queries_read_the_lookup_table_and_the_unindexed_tail(db: TestDb
         .collect();
     assert!(c0.first().is_some_and(|s| *s < 256) && c0.last().is_some_and(|s| *s > 600));
 
-    // Pages as the service asks for them (its node, after the last seq, a small limit), so each
-    // part of the lookup stops after a page, across the lookup table's end.
+    // Pages as the service asks for them (its node, after the last seq, a small limit), so the
+    // lookup-table part stops after a page, across the lookup table's end.
     for pair in [ctx("client", "c-2"), ctx("patient_id", "p-ü42")] {
         let expected: Vec<AuditEvent> = a.iter().filter(|e| matches(e, &pair)).cloned().collect();
         let (mut got, mut after_seq) = (Vec::new(), None);
@@ -477,8 +477,8 @@ async fn context_queries_read_the_lookup_table_and_the_unindexed_tail(db: TestDb
         }
         assert_eq!(got, expected, "paged {pair:?}");
     }
-    // With another filter on the rows the parts must not stop early: the first 5 Decrypt
-    // events about c-2 are not among its first 5 events.
+    // With another filter on the rows the lookup-table part must not stop early: the first 5
+    // Decrypt events about c-2 are not among its first 5 events.
     let decrypts = EventFilter {
         operation: Some("Decrypt".to_owned()),
         ..ctx("client", "c-2")
