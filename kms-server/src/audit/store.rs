@@ -30,6 +30,32 @@ pub struct EventFilter {
     pub to_seq: Option<u64>,
 }
 
+impl EventFilter {
+    /// Whether a filter beyond the context pair, the node and the seq bounds drops events, so
+    /// that a context query's lookup-table part must not stop after one page
+    /// ([`events_query`]). Every field is named: a new filter must be placed on one side.
+    fn narrows_events_of_a_context(&self) -> bool {
+        let EventFilter {
+            node_id: _,
+            context: _,
+            after_seq: _,
+            to_seq: _,
+            from_time_ms,
+            to_time_ms,
+            key_id,
+            caller,
+            operation,
+            outcome,
+        } = self;
+        from_time_ms.is_some()
+            || to_time_ms.is_some()
+            || key_id.is_some()
+            || caller.is_some()
+            || operation.is_some()
+            || outcome.is_some()
+    }
+}
+
 #[async_trait]
 pub trait AuditStore: Send + Sync {
     /// The last stored event of a node's chain, to resume it after a restart.
@@ -257,12 +283,7 @@ where
         }
         Some((k, v)) => {
             let (k, v) = (index_text(k), index_text(v));
-            let rows_filtered_further = filter.key_id.is_some()
-                || filter.caller.is_some()
-                || filter.operation.is_some()
-                || filter.outcome.is_some()
-                || filter.from_time_ms.is_some()
-                || filter.to_time_ms.is_some();
+            let rows_filtered_further = filter.narrows_events_of_a_context();
             q.push(
                 "(SELECT * FROM (SELECT x.node_id, x.seq FROM audit_context_index AS x \
                  WHERE x.k = ",
